@@ -1,0 +1,48 @@
+# medmetric: `make demo` and `make test` are all a fresh machine needs (both run `setup` first).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.medmetric-installed
+
+DATA ?= ham10000
+DATA_DIR ?= ../shared/data/$(DATA)
+EXPERIMENT ?= $(DATA)
+ARGS ?=
+PYTEST_ARGS ?=
+
+export NO_ALBUMENTATIONS_UPDATE := 1
+export PYTHONUNBUFFERED := 1
+
+.DEFAULT_GOAL := help
+.PHONY: help setup test demo train-stage1 train-stage2 lint clean-venv
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-14s %s\n", $$1, $$2}'
+	@echo "  variables: DATA=$(DATA) DATA_DIR=$(DATA_DIR) EXPERIMENT=$(EXPERIMENT) ARGS='--model.lr=0.01 ...'"
+
+setup: $(STAMP) ## create .venv and install medmetric editable with dev extras (idempotent)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+test: setup ## run the test suite (CPU, tiny data; real-data tests use ../shared/data when present)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: setup ## CE vs CE->cRT vs CE+SupCon->cRT on HAM10000 (synthetic fallback), one table
+	$(PY) -m experiments.demo $(ARGS)
+
+train-stage1: setup ## stage 1: make train-stage1 DATA=ham10000 DATA_DIR=... ARGS="--model.lr=0.01"
+	$(PY) -m experiments fit --config experiments/$(DATA)/stage1.yaml --data.data_dir=$(DATA_DIR) --experiment=$(EXPERIMENT) $(ARGS)
+
+train-stage2: setup ## stage 2 (cRT) on the stage-1 handoff of EXPERIMENT: make train-stage2 DATA=ham10000
+	$(PY) -m experiments fit --config experiments/$(DATA)/stage2.yaml --data.data_dir=$(DATA_DIR) --experiment=$(EXPERIMENT) $(ARGS)
+
+lint: setup ## ruff check
+	$(VENV)/bin/ruff check .
+
+clean-venv: ## remove .venv (runs/ with your results is never touched)
+	rm -rf $(VENV)

@@ -1,0 +1,49 @@
+"""Write test results to ``<run>/results.json``: the file the demo table and reports read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_only
+
+from callbacks.handoff import write_json_atomic
+
+
+def next_free(path: Path) -> Path:
+    """``path`` if free, else ``results.1.json``, ``results.2.json``...: never overwrite."""
+    candidate, n = path, 0
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.stem}.{n}{path.suffix}")
+    return candidate
+
+
+class ResultsWriter(Callback):
+    """After ``trainer.test``, write metrics, class counts and the checkpoint used to JSON."""
+
+    def __init__(self, experiment: str | None = None, stage: str | None = None):
+        self.experiment = experiment
+        self.stage = stage
+        self.path: Path | None = None
+
+    @rank_zero_only
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        results = getattr(pl_module, "test_results", None)
+        if results is None:
+            return
+        datamodule = trainer.datamodule
+        payload = {
+            "experiment": self.experiment,
+            "stage": self.stage,
+            "model": type(pl_module).__name__,
+            "run_dir": str(Path(trainer.default_root_dir).resolve()),
+            "checkpoint": trainer.ckpt_path,
+            "class_names": list(pl_module.class_names),
+            "train_class_counts": getattr(datamodule, "class_counts", None),
+            "metrics": results,
+            "confusion_matrix": getattr(pl_module, "test_confusion", None),
+        }
+        self.path = next_free(Path(trainer.default_root_dir) / "results.json")
+        write_json_atomic(self.path, payload)

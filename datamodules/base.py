@@ -1,0 +1,266 @@
+"""The DataModule family: index DataFrame -> grouped split -> Dataset -> sampler -> DataLoader.
+
+A data source subclasses :class:`ImageClassificationDataModule` and implements only
+:meth:`read_index` (and ``class_names``); splitting, validation of the files, datasets,
+samplers and loaders are shared. Every check runs in ``setup``, before any training step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.images import find_missing, load_rgb, preload_images
+from datamodules.samplers import SAMPLERS
+from datamodules.splits import (
+    SPLITS,
+    check_groups_disjoint,
+    grouped_stratified_split,
+    read_split_csv,
+    write_split_csv,
+)
+from datamodules.transforms import build_transform
+
+log = logging.getLogger(__name__)
+
+INDEX_COLUMNS = ["image_id", "path", "label", "group"]
+SAMPLER_NAMES = ("instance", *SAMPLERS)
+
+
+class ImageDataset(Dataset):
+    """(image tensor, class id) pairs from file paths or from preloaded arrays."""
+
+    def __init__(self, paths: Sequence[str], targets: Sequence[int], transform, images=None):
+        self.paths = list(paths)
+        self.targets = torch.as_tensor(np.asarray(targets, dtype=np.int64))
+        self.transform = transform
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        image = self.images[i] if self.images is not None else load_rgb(self.paths[i])
+        return self.transform(image=image)["image"], self.targets[i]
+
+
+class ImageClassificationDataModule(L.LightningDataModule):
+    """Single-label image classification with a grouped (lesion/patient) stratified split.
+
+    Args:
+        data_dir: folder of the data set in its original on-disk format.
+        image_size: square training/eval size in pixels (64 suits a CPU; 224+ on a GPU).
+        batch_size: training batch size (and eval batch size unless ``eval_batch_size``).
+        sampler: ``instance`` (shuffle), ``m_per_class`` (P classes x M images, stage 1) or
+            ``class_balanced`` (stage 2 cRT).
+        m_per_class: M for the m-per-class sampler; ``batch_size`` must be a multiple of it.
+        val_fraction, test_fraction, split_seed: the grouped stratified split.
+        split_file: CSV where the split is written, and reused from when it exists. The CLI sets
+            it to ``runs/<experiment>/split.csv``; without it the split lives in memory only.
+        augment: albumentations preset for training (``none`` disables augmentation).
+        preload: decode all images into RAM once at setup (fast epochs for small data sets, and
+            every corrupt file is found before training starts).
+        num_workers: DataLoader worker processes.
+        seed: sampler seed (the split has its own ``split_seed``).
+    """
+
+    group_key = "group"  # what the ``group`` column means for this source (lesion, patient, ...)
+
+    def __init__(
+        self,
+        data_dir: str,
+        image_size: int = 64,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        sampler: str = "instance",
+        m_per_class: int = 4,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.15,
+        split_seed: int = 42,
+        split_file: str | None = None,
+        augment: str = "dermoscopy",
+        preload: bool = False,
+        num_workers: int = 2,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if sampler not in SAMPLER_NAMES:
+            raise ValueError(f"unknown sampler {sampler!r} (data.sampler); valid: {list(SAMPLER_NAMES)}")
+        self.data_dir = Path(data_dir)
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.sampler = sampler
+        self.m_per_class = m_per_class
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.split_seed = split_seed
+        self.split_file = Path(split_file) if split_file else None
+        self.augment = augment
+        self.preload = preload
+        self.num_workers = num_workers
+        self.seed = seed
+        build_transform(augment, image_size)  # unknown preset fails here, not at the first batch
+        self.table: pd.DataFrame | None = None
+        self.datasets: dict[str, ImageDataset] = {}
+
+    # --- what a data source provides -------------------------------------------------------
+    @property
+    def class_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def read_index(self) -> pd.DataFrame:
+        """Return a DataFrame with columns image_id, path, label (class name), group."""
+        raise NotImplementedError
+
+    # --- shared machinery ------------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def uses_batch_sampler(self) -> bool:
+        """Batch samplers shard themselves by rank: Lightning must not wrap them (DDP)."""
+        return self.sampler != "instance"
+
+    def prepare_data(self) -> None:
+        """Make the split file once (rank zero) if it does not exist yet."""
+        if self.split_file is not None and not self.split_file.exists():
+            table = self._indexed_table()
+            table["split"] = self._new_split(table)
+            write_split_csv(self.split_file, table)
+            log.info("wrote split %s", self.split_file)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.table is not None:
+            return
+        table = self._indexed_table()
+        if self.split_file is not None and self.split_file.exists():
+            table["split"] = read_split_csv(self.split_file, table).to_numpy()
+            log.info("reusing split %s", self.split_file)
+        else:
+            table["split"] = self._new_split(table)
+        self._check_every_class_in_every_split(table)
+        self.table = table
+        images = preload_images(table["path"].tolist(), self.image_size) if self.preload else None
+        train_tf = build_transform(self.augment, self.image_size)
+        eval_tf = build_transform("none", self.image_size)
+        for split in SPLITS:
+            rows = np.flatnonzero(table["split"].to_numpy() == split)
+            self.datasets[split] = ImageDataset(
+                table["path"].to_numpy()[rows],
+                table["target"].to_numpy()[rows],
+                train_tf if split == "train" else eval_tf,
+                [images[i] for i in rows] if images is not None else None,
+            )
+
+    def _indexed_table(self) -> pd.DataFrame:
+        table = self.read_index()
+        missing_cols = [c for c in INDEX_COLUMNS if c not in table.columns]
+        if missing_cols:
+            raise ValueError(f"{type(self).__name__}.read_index returned no columns {missing_cols}")
+        table = table[INDEX_COLUMNS].reset_index(drop=True)
+        if table.empty:
+            raise ValueError(f"no images found in {self.data_dir}")
+        missing = find_missing(table["path"].tolist())
+        if missing:
+            ids = table["image_id"].iloc[missing[:5]].tolist()
+            raise FileNotFoundError(
+                f"{len(missing)} of {len(table)} images listed for {self.data_dir} are missing "
+                f"(first ids: {ids}; expected e.g. {table['path'].iloc[missing[0]]}). Put the image "
+                "files in place or remove their rows from the metadata CSV before training"
+            )
+        table["target"] = table["label"].map({c: i for i, c in enumerate(self.class_names)})
+        return table
+
+    def _new_split(self, table: pd.DataFrame) -> np.ndarray:
+        split = grouped_stratified_split(
+            table["label"], table["group"], self.val_fraction, self.test_fraction, self.split_seed
+        )
+        check_groups_disjoint(table["group"], pd.Series(split), source="new split")
+        return split
+
+    def _check_every_class_in_every_split(self, table: pd.DataFrame) -> None:
+        counts = pd.crosstab(table["label"], table["split"]).reindex(
+            index=self.class_names, columns=list(SPLITS), fill_value=0
+        )
+        empty = [(c, s) for c in self.class_names for s in SPLITS if counts.loc[c, s] == 0]
+        if empty:
+            where = ", ".join(f"{c!r} in {s}" for c, s in empty[:6])
+            totals = counts.sum(axis=1)
+            raise ValueError(
+                f"a class has no images in a split: {where} (class totals: "
+                f"{ {c: int(totals[c]) for c, _ in empty[:6]} }, {self.group_key}s are kept whole). "
+                "Add images of that class, lower data.val_fraction/data.test_fraction, or change "
+                "data.split_seed (delete the split file first if one was saved)"
+            )
+
+    @property
+    def class_counts(self) -> list[int]:
+        """Training images per class, in ``class_names`` order (for re-balancing losses)."""
+        self._require_setup()
+        targets = self.datasets["train"].targets
+        return torch.bincount(targets, minlength=self.num_classes).tolist()
+
+    def split_sha256(self) -> str:
+        """Content hash of the split (image id -> split), identical for identical splits."""
+        self._require_setup()
+        text = "\n".join(f"{i},{s}" for i, s in sorted(zip(self.table["image_id"], self.table["split"], strict=True)))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def _require_setup(self) -> None:
+        if self.table is None:
+            raise RuntimeError("call setup() on the DataModule first")
+
+    # --- loaders ---------------------------------------------------------------------------
+    def train_dataloader(self) -> DataLoader:
+        dataset = self.datasets["train"]
+        if self.sampler == "instance":
+            return DataLoader(
+                dataset, batch_size=self.batch_size, shuffle=True, drop_last=True, **self._loader_kwargs()
+            )
+        world, rank = self._world()
+        kwargs = {"m_per_class": self.m_per_class} if self.sampler == "m_per_class" else {}
+        batch_sampler = SAMPLERS[self.sampler](
+            dataset.targets, batch_size=self.batch_size, seed=self.seed,
+            num_replicas=world, rank=rank, **kwargs,
+        )
+        return DataLoader(dataset, batch_sampler=batch_sampler, **self._loader_kwargs())
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        return DataLoader(self.datasets[split], batch_size=self.eval_batch_size, **self._loader_kwargs())
+
+    def _loader_kwargs(self) -> dict:
+        return {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0}
+
+    def _world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+
+def read_csv_checked(path: Path, required: Sequence[str], what: str) -> pd.DataFrame:
+    """Read an index CSV, failing with the file, the missing columns and the expected ones."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}. Check data.data_dir")
+    table = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
+    missing = [c for c in required if c not in table.columns]
+    if missing:
+        raise ValueError(
+            f"{path}: missing column(s) {missing}; found {list(table.columns)}, expected at least "
+            f"{list(required)}. Rename the columns to the {what} names"
+        )
+    return table

@@ -1,0 +1,52 @@
+"""Albumentations presets per imaging modality, plus the eval transform every preset shares.
+
+A preset is a function ``(image_size) -> list of train-time augmentations``; normalisation and
+tensor conversion are appended by :func:`build_transform`, so presets stay about the modality.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import albumentations as A  # noqa: E402
+from albumentations.pytorch import ToTensorV2  # noqa: E402
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def dermoscopy_preset(image_size: int) -> list[A.BasicTransform]:
+    """Dermoscopy has no canonical orientation; colour varies by device and lighting."""
+    return [
+        A.RandomResizedCrop(size=(image_size, image_size), scale=(0.5, 1.0), ratio=(0.75, 1.333)),
+        A.HorizontalFlip(p=0.5),
+        A.VerticalFlip(p=0.5),
+        A.Rotate(limit=180, border_mode=0, p=0.5),
+        A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.03, p=0.8),
+    ]
+
+
+def no_augmentation(image_size: int) -> list[A.BasicTransform]:
+    """Resize only: used for evaluation and for feature extraction in stage 2."""
+    return [A.Resize(image_size, image_size)]
+
+
+PRESETS: dict[str, Callable[[int], list[A.BasicTransform]]] = {
+    "dermoscopy": dermoscopy_preset,
+    "none": no_augmentation,
+}
+
+
+def build_transform(
+    preset: str,
+    image_size: int,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+) -> A.Compose:
+    """Compose a preset with normalisation and HWC uint8 -> CHW float tensor conversion."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown augmentation preset {preset!r} (data.augment); valid: {sorted(PRESETS)}")
+    return A.Compose([*PRESETS[preset](image_size), A.Normalize(mean=mean, std=std), ToTensorV2()])

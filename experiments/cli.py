@@ -1,0 +1,173 @@
+"""The one entry point: ``python -m experiments fit --config experiments/<data>/stage1.yaml``.
+
+LightningCLI reads YAML configs and flags (``--model.lr=0.01``) into typed ``__init__``
+arguments, so configs, the command line and W&B sweep agents (``${args}``) all reach the same
+place. On top of LightningCLI this adds the experiment layout:
+
+    runs/<experiment>/split.csv               the grouped split, shared by all its runs
+    runs/<experiment>/handoff.json            latest stage-1 manifest (stage 2 reads it)
+    runs/<experiment>/<stage>/<timestamp>/    one run: config.yaml, checkpoints/, metrics.csv,
+                                              wandb/, results.json (and handoff.json, backbone.pt)
+
+plus the default callbacks (best checkpoint on validation balanced accuracy, handoff, results)
+and loggers (CSV, and W&B, offline when no API key is set).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+from lightning.pytorch.cli import LightningCLI  # noqa: E402
+from lightning.pytorch.loggers import CSVLogger  # noqa: E402
+
+from callbacks.handoff import StageHandoff  # noqa: E402
+from callbacks.results import ResultsWriter  # noqa: E402
+from lightning_modules.classifier_base import MONITOR  # noqa: E402
+
+RUN_DIR_ENV = "MEDMETRIC_RUN_DIR"  # lets DDP worker processes join rank zero's run folder
+STAGE_OF_MODEL = {"MetricPretrainModule": "stage1", "RebalancedHeadModule": "stage2"}
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+
+@dataclass
+class RunPaths:
+    experiment: str
+    stage: str
+    experiment_dir: Path
+    run_dir: Path
+
+    @property
+    def split_file(self) -> Path:
+        return self.experiment_dir / "split.csv"
+
+    @property
+    def handoff(self) -> Path:
+        return self.experiment_dir / "handoff.json"
+
+
+def new_run_dir(parent: Path) -> Path:
+    """A fresh, never-reused folder named by UTC time (suffixed if two runs start together)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    for n in range(1000):
+        candidate = parent / (stamp if n == 0 else f"{stamp}-{n}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"could not create a new run folder under {parent}")
+
+
+def wandb_offline(mode: str) -> bool | None:
+    """True/False for W&B offline/online, None when W&B is off. ``auto``: online iff a key exists."""
+    if mode not in WANDB_MODES:
+        raise ValueError(f"unknown --wandb mode {mode!r}; valid: {list(WANDB_MODES)}")
+    env_mode = os.environ.get("WANDB_MODE", "")
+    if mode == "disabled" or env_mode == "disabled":
+        return None
+    if mode == "auto":
+        netrc = Path.home() / ".netrc"
+        has_key = bool(os.environ.get("WANDB_API_KEY")) or (
+            netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+        )
+        return env_mode in ("offline", "dryrun") or not has_key
+    return mode == "offline"
+
+
+class MedMetricCLI(LightningCLI):
+    """LightningCLI with the medmetric run layout, default callbacks and loggers."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("auto_configure_optimizers", False)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": False})
+        super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--experiment", default="default", help="experiment name: runs/<experiment>/ holds its split, handoff and runs")
+        parser.add_argument("--runs_dir", default="runs", help="root folder of all experiments")
+        parser.add_argument("--test_after_fit", type=bool, default=True, help="after fit, test the best checkpoint and write results.json")
+        parser.add_argument("--wandb", default="auto", help=f"W&B logging: {', '.join(WANDB_MODES)} (auto: offline without an API key)")
+        parser.add_argument("--wandb_project", default="medmetric")
+        parser.link_arguments("data.class_names", "model.init_args.class_names", apply_on="instantiate")
+
+    # --- layout ------------------------------------------------------------------------------
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand]
+        model_class = config.model.class_path.rsplit(".", 1)[-1]
+        stage = STAGE_OF_MODEL.get(model_class, model_class)
+        experiment_dir = Path(config.runs_dir) / config.experiment
+        inherited = os.environ.get(RUN_DIR_ENV) if os.environ.get("LOCAL_RANK", "0") != "0" else None
+        run_dir = Path(inherited) if inherited else new_run_dir(experiment_dir / stage)
+        os.environ[RUN_DIR_ENV] = str(run_dir)
+        self.paths = RunPaths(config.experiment, stage, experiment_dir, run_dir)
+        if config.trainer.default_root_dir is None:
+            config.trainer.default_root_dir = str(run_dir)
+        if "split_file" in config.data.init_args and config.data.init_args.split_file is None:
+            config.data.init_args.split_file = str(self.paths.split_file)
+        if stage == "stage2" and config.model.init_args.get("handoff") is None:
+            config.model.init_args.handoff = str(self.paths.handoff)
+
+    def instantiate_trainer(self, **kwargs):
+        config = self.config_init[self.subcommand]
+        run_dir = Path(config.trainer.default_root_dir)
+        callbacks = [
+            ModelCheckpoint(
+                dirpath=run_dir / "checkpoints",
+                filename="best-epoch{epoch:03d}",
+                auto_insert_metric_name=False,
+                monitor=MONITOR,
+                mode="max",
+                save_last=True,
+            ),
+            ResultsWriter(experiment=self.paths.experiment, stage=self.paths.stage),
+        ]
+        if self.paths.stage == "stage1":
+            callbacks.append(StageHandoff(experiment_manifest=str(self.paths.handoff)))
+        self.trainer_defaults["callbacks"] = callbacks
+        if config.trainer.logger is None or config.trainer.logger is True:
+            kwargs.setdefault("logger", self._loggers(run_dir, config))
+        if getattr(self.datamodule, "uses_batch_sampler", False):
+            kwargs.setdefault("use_distributed_sampler", False)  # our batch samplers shard by rank
+        return super().instantiate_trainer(**kwargs)
+
+    def _loggers(self, run_dir: Path, config) -> list:
+        loggers = [CSVLogger(save_dir=str(run_dir), name="", version="")]
+        offline = wandb_offline(config.wandb)
+        if offline is not None:
+            from lightning.pytorch.loggers import WandbLogger
+
+            loggers.append(
+                WandbLogger(
+                    project=config.wandb_project,
+                    name=f"{self.paths.experiment}/{self.paths.stage}/{run_dir.name}",
+                    group=self.paths.experiment,
+                    job_type=self.paths.stage,
+                    save_dir=str(run_dir),
+                    offline=offline,
+                )
+            )
+        return loggers
+
+    # --- fit, then test the checkpoint chosen on validation ------------------------------------
+    def after_fit(self) -> None:
+        if not self.config[self.subcommand].test_after_fit or self.trainer.interrupted:
+            return
+        best = getattr(self.trainer.checkpoint_callback, "best_model_path", "")
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if best else None)
+
+
+def main(args: list[str] | None = None) -> MedMetricCLI:
+    """Console script ``medmetric`` and ``python -m experiments``."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return MedMetricCLI(args=args if args is not None else sys.argv[1:])

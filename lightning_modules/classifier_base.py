@@ -1,0 +1,71 @@
+"""What stage 1 and stage 2 share: validation/test metrics, their logging, the optimiser."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import lightning as L
+import torch
+from torch import nn
+
+from lightning_modules.metrics import ClassificationMetrics
+
+OPTIMIZERS = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+MONITOR = "val/balanced_accuracy"  # model selection: validation only, never test
+
+
+class ClassifierModule(L.LightningModule):
+    """A LightningModule whose ``forward(images)`` returns class logits.
+
+    Validation and test accumulate :class:`ClassificationMetrics` (DDP-synced by torchmetrics)
+    and log them as ``val/<name>`` and ``test/<name>``; the last test results stay in
+    ``self.test_results`` for the results writer.
+    """
+
+    def __init__(self, class_names: Sequence[str]):
+        super().__init__()
+        if len(class_names) < 2:
+            raise ValueError(f"class_names needs at least two classes, got {list(class_names)}")
+        self.class_names = list(class_names)
+        self.val_metrics = ClassificationMetrics(self.class_names)
+        self.test_metrics = ClassificationMetrics(self.class_names)
+        self.test_results: dict[str, float] | None = None
+        self.test_confusion: list[list[int]] | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        images, targets = batch
+        self.val_metrics.update(self(images), targets)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        images, targets = batch
+        self.test_metrics.update(self(images), targets)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val", self.val_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        self.test_confusion = self.test_metrics.confusion_matrix().tolist()
+        self.test_results = self._log_metrics("test", self.test_metrics)
+
+    def _log_metrics(self, prefix: str, metrics: ClassificationMetrics) -> dict[str, float]:
+        values = metrics.compute()  # already reduced across ranks
+        metrics.reset()
+        if not self.trainer.sanity_checking:
+            # NaN (a class absent from a split) cannot be a monitored value; log only numbers
+            self.log_dict({f"{prefix}/{k}": v for k, v in values.items() if not math.isnan(v)})
+        return values
+
+    def make_optimizer(self, params: Iterable[nn.Parameter], name: str, lr: float, weight_decay: float):
+        """Optimiser plus a per-step cosine decay over the whole fit."""
+        if name not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {name!r} (model.optimizer); valid: {sorted(OPTIMIZERS)}")
+        extra = {"momentum": 0.9} if name == "sgd" else {}
+        optimizer = OPTIMIZERS[name](list(params), lr=lr, weight_decay=weight_decay, **extra)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
