@@ -19,6 +19,7 @@ import datetime as dt
 import logging
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,13 +29,19 @@ from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 
-from callbacks.handoff import StageHandoff  # noqa: E402
+from callbacks.handoff import StageHandoff, read_manifest  # noqa: E402
 from callbacks.results import ResultsWriter  # noqa: E402
 from lightning_modules.classifier_base import MONITOR  # noqa: E402
 
 RUN_DIR_ENV = "MEDMETRIC_RUN_DIR"  # lets DDP worker processes join rank zero's run folder
 STAGE_OF_MODEL = {"MetricPretrainModule": "stage1", "RebalancedHeadModule": "stage2"}
 WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+# Lightning warnings that are expected in this layout: the run folder already holds config and
+# W&B files when the CSV logger starts (it removes only an old metrics.csv, which a fresh run
+# folder never has), and stage 2 keeps its frozen backbone in eval mode on purpose.
+warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 
 @dataclass
@@ -115,8 +122,12 @@ class MedMetricCLI(LightningCLI):
             config.trainer.default_root_dir = str(run_dir)
         if "split_file" in config.data.init_args and config.data.init_args.split_file is None:
             config.data.init_args.split_file = str(self.paths.split_file)
-        if stage == "stage2" and config.model.init_args.get("handoff") is None:
-            config.model.init_args.handoff = str(self.paths.handoff)
+        if stage == "stage2":
+            if config.model.init_args.get("handoff") is None:
+                config.model.init_args.handoff = str(self.paths.handoff)
+            # fail here, with the command to run first, rather than inside jsonargparse's
+            # instantiation, which buries the message in a type-validation report
+            read_manifest(config.model.init_args.handoff, experiment=config.experiment)
 
     def instantiate_trainer(self, **kwargs):
         config = self.config_init[self.subcommand]

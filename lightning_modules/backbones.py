@@ -6,6 +6,7 @@ No hub access: pretrained weights come only from a local file the user names, lo
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 
 import timm
@@ -20,7 +21,7 @@ def create_backbone(
 ) -> tuple[nn.Module, int]:
     """Build ``timm.create_model(name, num_classes=0)`` (pooled features, no classifier)."""
     if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
+        close = difflib.get_close_matches(name, timm.list_models(), n=6, cutoff=0.6)
         raise ValueError(f"unknown timm model {name!r} (model.backbone); similar names: {close}")
     model = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans, **timm_kwargs)
     if pretrained_path:
@@ -48,12 +49,16 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> None:
         raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
     state = {_strip(k): v for k, v in state.items()}
     state = {k: v for k, v in state.items() if not k.startswith(CLASSIFIER_PREFIXES)}
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    reshaped = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or reshaped:
         raise ValueError(
-            f"{path} does not fit this backbone: missing {result.missing_keys[:5]}, unexpected "
-            f"{result.unexpected_keys[:5]}. Was it saved from another architecture or in_chans?"
+            f"{path} does not fit this backbone: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+            f"other shapes {reshaped[:5]}. Was it saved from another architecture or in_chans?"
         )
+    model.load_state_dict(state)
 
 
 def _strip(key: str) -> str:

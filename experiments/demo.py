@@ -1,0 +1,120 @@
+"""``make demo``: one-stage CE vs two-stage CE -> cRT vs CE + SupCon -> cRT, in one table.
+
+Runs on ../shared/data/ham10000 when present, otherwise on a generated HAM10000-format set.
+Each fit is a normal CLI run (``python -m experiments fit ...``) in a subprocess, so every
+number in the table can be reproduced with the command logged next to it. Both stage-1 runs
+use one split file, so the three rows are tested on the same images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from datamodules.synthetic import write_ham10000
+
+REAL_DATA = Path("../shared/data/ham10000")
+CONFIGS = {"stage1": "experiments/ham10000/stage1.yaml", "stage2": "experiments/ham10000/stage2.yaml"}
+PLAN = (  # (experiment, stage, flags beyond the config, table row or None)
+    ("demo-ce", "stage1", ["--model.metric_weight=0", "--data.sampler=instance"], "(a) CE, one stage"),
+    ("demo-ce", "stage2", [], "(b) CE -> cRT"),
+    ("demo-supcon", "stage1", [], None),
+    ("demo-supcon", "stage2", [], "(c) CE+SupCon -> cRT"),
+)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data_dir", help=f"HAM10000 folder (default: {REAL_DATA} if present, else synthetic)")
+    parser.add_argument("--runs_dir", default="runs")
+    parser.add_argument("--backbone", default="resnet18")
+    parser.add_argument("--image_size", type=int, default=64)
+    parser.add_argument("--stage1_epochs", type=int, default=6)
+    parser.add_argument("--stage2_epochs", type=int, default=2)
+    parser.add_argument("--max_steps", type=int, default=-1, help="cap on optimizer steps per fit (smoke runs)")
+    parser.add_argument("--wandb", default="auto", help="auto (offline without an API key), online, offline, disabled")
+    parser.add_argument("extra", nargs="*", help="more flags passed to every fit, e.g. --trainer.accelerator=gpu")
+    return parser.parse_args(argv)
+
+
+def resolve_data_dir(args: argparse.Namespace) -> tuple[Path, str]:
+    if args.data_dir:
+        return Path(args.data_dir), "given"
+    if (REAL_DATA / "HAM10000_metadata.csv").is_file():
+        return REAL_DATA, "real HAM10000 subset"
+    synthetic = Path(args.runs_dir) / "demo" / "synthetic_ham10000"
+    if not (synthetic / "HAM10000_metadata.csv").is_file():
+        write_ham10000(synthetic, n_images=1200, seed=0)
+    return synthetic, "synthetic HAM10000-format data (../shared/data/ham10000 not found)"
+
+
+def run_fit(config: str, experiment: str, stage: str, flags: list[str], runs_dir: Path, log_dir: Path) -> Path:
+    """Run one CLI fit; return the new run folder. The full output goes to a log file."""
+    stage_dir = runs_dir / experiment / stage
+    before = set(stage_dir.iterdir()) if stage_dir.is_dir() else set()
+    command = [sys.executable, "-m", "experiments", "fit", "--config", config, f"--experiment={experiment}", *flags]
+    log_path = log_dir / f"{experiment}-{stage}.log"
+    print(f"  {experiment} {stage}: {' '.join(command[1:])}", flush=True)
+    start = time.time()
+    with open(log_path, "w") as log:
+        log.write(" ".join(command) + "\n")
+        log.flush()
+        code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if code != 0:
+        tail = "".join(log_path.read_text().splitlines(keepends=True)[-25:])
+        raise SystemExit(f"{experiment} {stage} failed (exit {code}); last lines of {log_path}:\n{tail}")
+    new = sorted(set(stage_dir.iterdir()) - before)
+    print(f"    done in {time.time() - start:.0f} s -> {new[-1]}", flush=True)
+    return new[-1]
+
+
+def format_table(rows: list[tuple[str, dict]], class_names: list[str], counts: list[int]) -> str:
+    head = ["method", "bal.acc", "macro F1"] + [f"{c}({n})" for c, n in zip(class_names, counts, strict=True)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, metrics in rows:
+        cells = [metrics["balanced_accuracy"], metrics["macro_f1"]] + [metrics[f"recall/{c}"] for c in class_names]
+        lines.append("| " + " | ".join([label] + ["nan" if math.isnan(v) else f"{v:.3f}" for v in cells]) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    runs_dir = Path(args.runs_dir)
+    data_dir, source = resolve_data_dir(args)
+    demo_dir = runs_dir / "demo"
+    log_dir = demo_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    common = [
+        f"--data.data_dir={data_dir}", f"--runs_dir={runs_dir}", f"--data.split_file={demo_dir / 'split.csv'}",
+        f"--data.image_size={args.image_size}", f"--trainer.max_steps={args.max_steps}", f"--wandb={args.wandb}",
+        *args.extra,
+    ]
+    stage1 = [f"--model.backbone={args.backbone}", f"--trainer.max_epochs={args.stage1_epochs}"]
+    stage2 = [f"--trainer.max_epochs={args.stage2_epochs}"]
+    print(f"medmetric demo on {data_dir} ({source}); logs in {log_dir}", flush=True)
+    start = time.time()
+    results: list[tuple[str, dict]] = []
+    for experiment, stage, flags, label in PLAN:
+        stage_flags = stage1 if stage == "stage1" else stage2
+        run = run_fit(CONFIGS[stage], experiment, stage, common + stage_flags + flags, runs_dir, log_dir)
+        if label:
+            results.append((label, json.loads((run / "results.json").read_text())))
+    first = results[0][1]
+    table = format_table([(label, r["metrics"]) for label, r in results], first["class_names"], first["train_class_counts"])
+    where = "\n".join(f"  {label}: {r['run_dir']}" for label, r in results)
+    summary = (
+        f"Test set of {data_dir} ({source}); recall per class, training images in brackets.\n\n"
+        f"{table}\n\nRuns:\n{where}\nTotal wall time: {time.time() - start:.0f} s\n"
+    )
+    (demo_dir / "summary.md").write_text(summary)
+    print("\n" + summary + f"(also in {demo_dir / 'summary.md'})")
+
+
+if __name__ == "__main__":
+    main()
