@@ -7,11 +7,14 @@ class the groups are shuffled and cut so every split gets about its fraction of 
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 SPLIT_COLUMNS = ["image_id", "group", "label", "split"]
@@ -73,8 +76,11 @@ def write_split_csv(path: Path, table: pd.DataFrame) -> None:
     """Write the split atomically (a crash never leaves a half-written split file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    table[SPLIT_COLUMNS].to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    try:
+        table[SPLIT_COLUMNS].to_csv(tmp, index=False)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_split_csv(path: Path, index: pd.DataFrame) -> pd.Series:
@@ -93,6 +99,13 @@ def read_split_csv(path: Path, index: pd.DataFrame) -> pd.Series:
     if bad:
         row = int(saved.index[saved["split"].isin(bad)][0]) + 2
         raise ValueError(f"split file {path}, row {row}: unknown split {bad[0]!r}; expected one of {SPLITS}")
+    duplicated = saved["image_id"].duplicated()
+    if duplicated.any():
+        row = int(np.flatnonzero(duplicated.to_numpy())[0])
+        raise ValueError(
+            f"split file {path}, row {row + 2}: image {saved['image_id'].iloc[row]!r} is listed more "
+            "than once; delete the file to make a new split, or pass --data.split_file=<new path>"
+        )
     saved_ids, index_ids = set(saved["image_id"]), set(index["image_id"])
     if saved_ids != index_ids:
         extra, absent = sorted(saved_ids - index_ids), sorted(index_ids - saved_ids)
@@ -102,7 +115,14 @@ def read_split_csv(path: Path, index: pd.DataFrame) -> pd.Series:
             "It belongs to another data set or version: delete it to make a new split, or pass "
             "--data.split_file=<new path>"
         )
-    split = index["image_id"].map(saved.set_index("image_id")["split"])
+    saved = saved.set_index("image_id")
+    split = index["image_id"].map(saved["split"])
+    relabelled = int((index["image_id"].map(saved["label"]) != index["label"].astype(str)).sum())
+    if relabelled:
+        log.warning(
+            "%s: %d images have another label than when the split was made; the split is kept "
+            "(delete the file to re-stratify)", path, relabelled,
+        )
     check_groups_disjoint(index["group"], split, source=str(path))
     return split
 

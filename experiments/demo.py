@@ -35,12 +35,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--runs_dir", default="runs")
     parser.add_argument("--backbone", default="resnet18")
     parser.add_argument("--image_size", type=int, default=64)
-    parser.add_argument("--stage1_epochs", type=int, default=6)
+    parser.add_argument("--stage1_epochs", type=int, default=5)
     parser.add_argument("--stage2_epochs", type=int, default=2)
     parser.add_argument("--max_steps", type=int, default=-1, help="cap on optimizer steps per fit (smoke runs)")
     parser.add_argument("--wandb", default="auto", help="auto (offline without an API key), online, offline, disabled")
-    parser.add_argument("extra", nargs="*", help="more flags passed to every fit, e.g. --trainer.accelerator=gpu")
-    return parser.parse_args(argv)
+    parser.epilog = "Any other flag (e.g. --trainer.accelerator=gpu) is passed to every fit."
+    args, args.extra = parser.parse_known_args(argv)
+    return args
 
 
 def resolve_data_dir(args: argparse.Namespace) -> tuple[Path, str]:

@@ -269,15 +269,10 @@ def test_split_file_without_the_columns_is_refused(table, tmp_path):
         read_split_csv(path, table)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: read_split_csv lets a duplicated image_id through to Series.map, which raises "
-    "pandas InvalidIndexError without naming the file or the fix",
-)
 def test_split_file_with_a_duplicated_image_is_refused(table, tmp_path):
     path = tmp_path / "split.csv"
     write_split_csv(path, pd.concat([table, table.iloc[[4]]], ignore_index=True))
-    with pytest.raises(ValueError, match=re.escape(str(path))) as err:
+    with pytest.raises(ValueError, match=re.escape(str(path)) + r", row \d+: .* listed more than once") as err:
         read_split_csv(path, table)
     assert table["image_id"].iloc[4] in str(err.value)
 

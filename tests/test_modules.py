@@ -1,0 +1,105 @@
+"""Stage-1 loss composition and stage-2 freezing, checked on single batches."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_modules.metric_pretrain import MetricPretrainModule
+
+CLASSES = ["a", "b", "c"]
+
+
+def batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(12, 3, 32, 32, generator=g), torch.tensor([0, 1, 2] * 4)
+
+
+def backbone_grads(module, loss):
+    module.zero_grad()
+    loss.backward()
+    return {n: p.grad.clone() for n, p in module.backbone.named_parameters() if p.grad is not None}
+
+
+def logged_step(module, data):
+    module.log_dict = lambda *a, **k: None  # no trainer attached
+    return module.training_step(data, 0)
+
+
+def test_metric_weight_zero_is_plain_cross_entropy():
+    torch.manual_seed(0)
+    module = MetricPretrainModule(CLASSES, backbone="test_resnet", metric_weight=0.0)
+    images, targets = batch()
+    loss = logged_step(module, (images, targets))
+    assert loss.item() == pytest.approx(F.cross_entropy(module(images), targets).item(), rel=1e-6)
+
+
+def test_loss_is_ce_plus_lambda_times_metric():
+    torch.manual_seed(0)
+    module = MetricPretrainModule(CLASSES, backbone="test_resnet", metric_weight=0.5).eval()
+    images, targets = batch()
+    features = module.backbone(images)
+    expected = F.cross_entropy(module.head(features), targets) + 0.5 * module.metric_loss(module.projector(features), targets)
+    assert logged_step(module, (images, targets)).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_metric_only_keeps_cross_entropy_out_of_the_backbone():
+    torch.manual_seed(0)
+    module = MetricPretrainModule(CLASSES, backbone="test_resnet", metric_only=True).eval()
+    images, targets = batch()
+    got = backbone_grads(module, logged_step(module, (images, targets)))
+    metric_alone = module.metric_loss(module.projector(module.backbone(images)), targets)
+    want = backbone_grads(module, metric_alone)
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6)
+    module.zero_grad()
+    logged_step(module, (images, targets)).backward()
+    assert module.head.weight.grad.abs().sum() > 0
+
+
+def test_contradictory_options_are_refused():
+    with pytest.raises(ValueError, match="metric_only=true needs model.metric_weight > 0"):
+        MetricPretrainModule(CLASSES, backbone="test_resnet", metric_weight=0.0, metric_only=True)
+    with pytest.raises(ValueError, match="model.metric_weight must be >= 0"):
+        MetricPretrainModule(CLASSES, backbone="test_resnet", metric_weight=-1.0)
+
+
+def make_handoff(tmp_path, classes=CLASSES):
+    from callbacks.handoff import MANIFEST_FORMAT, file_sha256, write_manifest
+
+    stage1 = MetricPretrainModule(classes, backbone="test_resnet")
+    torch.save(stage1.backbone.state_dict(), tmp_path / "backbone.pt")
+    write_manifest(tmp_path / "handoff.json", {
+        "format": MANIFEST_FORMAT, "backbone_weights": str(tmp_path / "backbone.pt"),
+        "backbone_weights_sha256": file_sha256(tmp_path / "backbone.pt"),
+        "backbone": stage1.backbone_config(), "class_names": list(classes), "split_sha256": "x",
+    })
+    return stage1, tmp_path / "handoff.json"
+
+
+def test_crt_loads_the_stage1_backbone_frozen_in_eval_mode(tmp_path):
+    from lightning_modules.rebalanced_head import RebalancedHeadModule
+
+    stage1, handoff = make_handoff(tmp_path)
+    module = RebalancedHeadModule(CLASSES, handoff=str(handoff)).train()
+    assert not module.backbone.training and module.head.training
+    assert not any(p.requires_grad for p in module.backbone.parameters())
+    for key, value in stage1.backbone.state_dict().items():
+        assert torch.equal(module.backbone.state_dict()[key], value)
+    images, targets = batch()
+    F.cross_entropy(module(images), targets).backward()
+    assert all(p.grad is None for p in module.backbone.parameters())
+    assert module.head.weight.grad.abs().sum() > 0
+
+
+def test_crt_refuses_another_class_list_or_backbone(tmp_path):
+    from callbacks.handoff import HandoffError
+    from lightning_modules.rebalanced_head import RebalancedHeadModule
+
+    _, handoff = make_handoff(tmp_path)
+    with pytest.raises(HandoffError, match="trained on classes"):
+        RebalancedHeadModule(["a", "b", "x"], handoff=str(handoff))
+    with pytest.raises(HandoffError, match="model.backbone='resnet18'"):
+        RebalancedHeadModule(CLASSES, handoff=str(handoff), backbone="resnet18")
+    with pytest.raises(ValueError, match=r"unknown stage-2 strategy 'lws'.*valid: \['crt'\]"):
+        RebalancedHeadModule(CLASSES, handoff=str(handoff), strategy="lws")
