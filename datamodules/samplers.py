@@ -1,6 +1,6 @@
 """Seeded, DDP-aware batch samplers for class-imbalanced training.
 
-Two samplers, both ``torch.utils.data.Sampler`` objects that yield *lists of dataset
+Batch samplers, all ``torch.utils.data.Sampler`` objects that yield *lists of dataset
 indices* and are meant for ``DataLoader(dataset, batch_sampler=...)``:
 
 * :class:`MPerClassBatchSampler` (stage 1, metric learning): every batch holds ``P``
@@ -9,6 +9,8 @@ indices* and are meant for ``DataLoader(dataset, batch_sampler=...)``:
 * :class:`ClassBalancedBatchSampler` (stage 2, classifier re-training, "cRT" of Kang et
   al., ICLR 2020): every index is drawn by first picking a class uniformly, then an
   image uniformly within it, so the classifier sees all classes equally often.
+* :class:`SquareRootBatchSampler` and :class:`ProgressiveBatchSampler`: the other class
+  probabilities of Kang et al. (square-root; instance -> class-balanced over the epochs).
 
 Why not ``DistributedSampler``: wrapping a batch sampler would break the per-batch
 structure. Instead, for epoch ``e`` one RNG seeded from ``(seed, e)`` builds the whole
@@ -28,7 +30,14 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Sampler
 
-__all__ = ["SAMPLERS", "ClassBalancedBatchSampler", "MPerClassBatchSampler"]
+__all__ = [
+    "SAMPLERS",
+    "ClassBalancedBatchSampler",
+    "ClassProbabilityBatchSampler",
+    "MPerClassBatchSampler",
+    "ProgressiveBatchSampler",
+    "SquareRootBatchSampler",
+]
 
 
 def _as_int(name: str, value: Any, minimum: int) -> int:
@@ -239,11 +248,12 @@ class MPerClassBatchSampler(_PlannedBatchSampler):
         return out.reshape(n_batches, p * m)
 
 
-class ClassBalancedBatchSampler(_PlannedBatchSampler):
-    """Class-balanced batches: class uniform over present classes, then image uniform.
+class ClassProbabilityBatchSampler(_PlannedBatchSampler):
+    """Batches of independent draws: a class with probability ``p_j``, then an image uniformly.
 
-    Every index is an independent draw (with replacement), so the expected class
-    frequency in a batch is ``1 / num_classes`` regardless of the label imbalance.
+    Subclasses define ``p_j`` through :meth:`class_probabilities` (it may depend on the epoch).
+    With ``p_j = n_j^q / sum_i n_i^q`` (Kang et al., ICLR 2020, eq. 1), q = 0 is class-balanced,
+    q = 1/2 square-root and q = 1 instance-balanced sampling.
 
     Args:
         labels: 1-D integer class id per dataset index (ids need not be contiguous).
@@ -265,14 +275,54 @@ class ClassBalancedBatchSampler(_PlannedBatchSampler):
     ) -> None:
         super().__init__(labels, batch_size, num_batches, seed, num_replicas, rank)
 
+    def class_probabilities(self, epoch: int) -> np.ndarray:
+        """Probability of each present class (order of ``self.classes``) in ``epoch``."""
+        raise NotImplementedError
+
+    def _power_probabilities(self, q: float) -> np.ndarray:
+        weights = self.class_sizes.astype(np.float64) ** q
+        return weights / weights.sum()
+
     def _build_plan(self, rng: np.random.Generator) -> np.ndarray:
         shape = (self.total_batches, self.batch_size)
-        cls = rng.integers(0, self.num_classes, size=shape)
+        cls = rng.choice(self.num_classes, size=shape, p=self.class_probabilities(self.epoch))
         within = rng.integers(0, self.class_sizes[cls])
         return self._grouped[self._starts[cls] + within]
+
+
+class ClassBalancedBatchSampler(ClassProbabilityBatchSampler):
+    """Class-balanced batches (stage 2 cRT): every present class equally likely (q = 0)."""
+
+    def class_probabilities(self, epoch: int) -> np.ndarray:
+        return self._power_probabilities(0.0)
+
+
+class SquareRootBatchSampler(ClassProbabilityBatchSampler):
+    """Square-root sampling (q = 1/2): between instance- and class-balanced."""
+
+    def class_probabilities(self, epoch: int) -> np.ndarray:
+        return self._power_probabilities(0.5)
+
+
+class ProgressiveBatchSampler(ClassProbabilityBatchSampler):
+    """Progressively-balanced sampling (Kang et al. 2020, eq. 2).
+
+    ``p_j(t) = (1 - t/T) p_j^IB + (t/T) p_j^CB``: instance-balanced at epoch 0, class-balanced
+    at epoch ``T = total_epochs``.
+    """
+
+    def __init__(self, labels, batch_size: int, total_epochs: int = 10, **kwargs) -> None:
+        super().__init__(labels, batch_size, **kwargs)
+        self.total_epochs = _as_int("total_epochs", total_epochs, 1)
+
+    def class_probabilities(self, epoch: int) -> np.ndarray:
+        t = min(epoch, self.total_epochs) / self.total_epochs
+        return (1 - t) * self._power_probabilities(1.0) + t * self._power_probabilities(0.0)
 
 
 SAMPLERS: dict[str, type[_PlannedBatchSampler]] = {
     "m_per_class": MPerClassBatchSampler,
     "class_balanced": ClassBalancedBatchSampler,
+    "sqrt": SquareRootBatchSampler,
+    "progressive": ProgressiveBatchSampler,
 }

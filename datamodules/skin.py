@@ -143,6 +143,7 @@ class ISIC2019DataModule(ImageClassificationDataModule):
         meta_path = self.data_dir / self.metadata_name
         if meta_path.is_file():
             meta = read_csv_checked(meta_path, ("image", "lesion_id"), "ISIC 2019 metadata CSV")
+            check_unique_ids(meta, "image", meta_path)
             lesion = truth["image"].map(meta.set_index("image")["lesion_id"])
             groups = lesion.fillna(truth["image"])
         return pd.DataFrame(

@@ -60,8 +60,8 @@ class ClassifierModule(L.LightningModule):
             self.log_dict({f"{prefix}/{k}": v for k, v in values.items() if not math.isnan(v)})
         return values
 
-    def make_optimizer(self, params: Iterable[nn.Parameter], name: str, lr: float, weight_decay: float):
-        """Optimiser plus a per-step cosine decay over the whole fit."""
+    def make_optimizer(self, params: Iterable[nn.Parameter] | list[dict], name: str, lr: float, weight_decay: float):
+        """Optimiser (over parameters or parameter groups) plus a per-step cosine decay."""
         if name not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {name!r} (model.optimizer); valid: {sorted(OPTIMIZERS)}")
         extra = {"momentum": 0.9} if name == "sgd" else {}

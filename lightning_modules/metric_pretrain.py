@@ -5,6 +5,11 @@
 ``metric_weight=0`` is the one-stage CE baseline. ``metric_only=True`` keeps the metric loss
 alone for the backbone; the head then trains on detached features (a linear probe), so its
 validation balanced accuracy can still pick the checkpoint.
+
+Under DDP the metric loss sees the embeddings of all ranks (``gather_across_ranks``), with
+gradients that match a single process holding the whole global batch (losses/distributed.py).
+With ``class_weighting`` each term of the metric loss is weighted by its anchor's class weight
+(inverse frequency or effective number of the training counts), so rare-class pairs count more.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ from torch import Tensor
 from lightning_modules.backbones import create_backbone
 from lightning_modules.classifier_base import ClassifierModule
 from lightning_modules.heads import LinearHead, Projector
-from lightning_modules.losses import build_metric_loss
+from lightning_modules.losses import build_metric_loss, class_weights_from_counts
+from lightning_modules.losses.distributed import gather_across_ranks, world
 
 
 class MetricPretrainModule(ClassifierModule):
@@ -35,9 +41,13 @@ class MetricPretrainModule(ClassifierModule):
         metric_loss_kwargs: dict | None = None,
         metric_weight: float = 1.0,
         metric_only: bool = False,
+        class_weighting: str = "none",
+        class_weighting_beta: float = 0.999,
+        gather_across_ranks: bool = True,
         optimizer: str = "adamw",
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
+        loss_lr_multiplier: float = 1.0,
     ):
         super().__init__(class_names)
         if metric_weight < 0:
@@ -50,7 +60,25 @@ class MetricPretrainModule(ClassifierModule):
         )
         self.head = LinearHead(self.feature_dim, self.num_classes)
         self.projector = Projector(self.feature_dim, embedding_dim)
-        self.metric_loss = build_metric_loss(metric_loss, **(metric_loss_kwargs or {}))
+        class_weights_from_counts([1, 1], class_weighting, class_weighting_beta)  # unknown scheme fails now
+        self.metric_loss = build_metric_loss(
+            metric_loss,
+            num_classes=self.num_classes,
+            embedding_dim=embedding_dim,
+            class_weighted=class_weighting != "none",
+            **(metric_loss_kwargs or {}),
+        )
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        hp = self.hparams
+        if hp.class_weighting != "none" and datamodule is not None:
+            weights = class_weights_from_counts(datamodule.class_counts, hp.class_weighting, hp.class_weighting_beta)
+            self.metric_loss.set_class_weights(weights)
+
+    def on_train_epoch_start(self) -> None:
+        if hasattr(self.metric_loss, "set_epoch"):  # progressive schedules (class_center_triplet)
+            self.metric_loss.set_epoch(self.current_epoch)
 
     def backbone_config(self) -> dict:
         """What stage 2 needs to rebuild the same backbone (weights come from the checkpoint)."""
@@ -69,7 +97,10 @@ class MetricPretrainModule(ClassifierModule):
         loss = ce
         logs = {"train/ce": ce}
         if hp.metric_weight > 0:
-            metric = self.metric_loss(self.projector(features), targets)
+            embeddings, labels = self.projector(features), targets
+            if hp.gather_across_ranks and world()[0] > 1:
+                embeddings, labels = gather_across_ranks(embeddings), gather_across_ranks(labels)
+            metric = self.metric_loss(embeddings, labels)
             loss = ce + hp.metric_weight * metric  # with metric_only, ce reaches the head only
             logs["train/metric"] = metric
         logs["train/loss"] = loss
@@ -77,5 +108,11 @@ class MetricPretrainModule(ClassifierModule):
         return loss
 
     def configure_optimizers(self):
+        """Loss-owned weights (proxies, ArcFace W, centres) may learn faster (loss_lr_multiplier)."""
         hp = self.hparams
-        return self.make_optimizer(self.parameters(), hp.optimizer, hp.lr, hp.weight_decay)
+        loss_params = list(self.metric_loss.parameters())
+        loss_ids = {id(p) for p in loss_params}
+        groups = [{"params": [p for p in self.parameters() if id(p) not in loss_ids]}]
+        if loss_params:
+            groups.append({"params": loss_params, "lr": hp.lr * hp.loss_lr_multiplier})
+        return self.make_optimizer(groups, hp.optimizer, hp.lr, hp.weight_decay)

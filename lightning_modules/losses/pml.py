@@ -1,0 +1,175 @@
+"""pytorch-metric-learning losses behind one call signature, computed in float32.
+
+Each factory takes ``num_classes`` and ``embedding_dim`` (proxy and classifier-style losses need
+them; the others ignore them) plus the loss's own arguments, and returns a :class:`PMLLoss`.
+Losses that own weights (proxies, ArcFace's W, SoftTriple's centres) keep them as parameters of
+the wrapped loss, hence of the LightningModule, hence in its optimizer.
+"""
+
+from __future__ import annotations
+
+import torch
+from pytorch_metric_learning import losses, miners
+from pytorch_metric_learning.distances import LpDistance
+from pytorch_metric_learning.reducers import AvgNonZeroReducer, BaseReducer, MultipleReducers
+from torch import Tensor, nn
+
+
+class ClassWeightedReducer(BaseReducer):
+    """Averages per-element/pair/triplet losses weighted by the class of each term's anchor.
+
+    ``nonzero_only`` mirrors PML's AvgNonZeroReducer (average over positive terms), otherwise
+    MeanReducer; with all weights equal it reproduces that default exactly.
+    """
+
+    def __init__(self, nonzero_only: bool, **kwargs):
+        super().__init__(**kwargs)
+        self.nonzero_only = nonzero_only
+        self.class_weights: Tensor | None = None
+
+    def _weighted_mean(self, losses: Tensor, anchors: Tensor, embeddings: Tensor, labels: Tensor) -> Tensor:
+        losses = losses.reshape(-1)  # matrix-based losses hand over (N, 1)
+        if self.nonzero_only:
+            keep = losses > 0
+            losses, anchors = losses[keep], anchors[keep]
+        if losses.numel() == 0:
+            return self.zero_loss(embeddings)
+        if self.class_weights is None:
+            return losses.mean()
+        weights = self.class_weights.to(losses.device)[labels[anchors]]
+        total = weights.sum()
+        return (losses * weights).sum() / total if total > 0 else self.zero_loss(embeddings)
+
+    def element_reduction(self, losses, loss_indices, embeddings, labels):
+        return self._weighted_mean(losses, loss_indices, embeddings, labels)
+
+    def pos_pair_reduction(self, losses, loss_indices, embeddings, labels):
+        return self._weighted_mean(losses, loss_indices[0], embeddings, labels)
+
+    neg_pair_reduction = pos_pair_reduction
+
+    def triplet_reduction(self, losses, loss_indices, embeddings, labels):
+        return self._weighted_mean(losses, loss_indices[0], embeddings, labels)
+
+
+class PMLLoss(nn.Module):
+    """A pytorch-metric-learning loss (and optional miner) as a plain ``(emb, labels)`` loss.
+
+    Embeddings are cast to float32 so distances stay exact under bf16/fp16 autocast. A batch
+    with no valid pair or triplet gives PML's zero loss, which still carries a gradient.
+    """
+
+    def __init__(self, loss: nn.Module, miner: nn.Module | None = None, class_weighted: bool = False):
+        super().__init__()
+        self.loss = loss
+        self.miner = miner
+        if class_weighted:
+            default = loss.reducer
+            inner = next(iter(default.reducers.values())) if isinstance(default, MultipleReducers) else default
+            if type(inner).__name__ not in ("AvgNonZeroReducer", "MeanReducer"):
+                raise ValueError(
+                    f"{type(loss).__name__} reduces per class already ({type(inner).__name__}); class "
+                    "weighting (model.class_weighting) works with pair-, triplet- and sample-based losses"
+                )
+            loss.set_reducer(ClassWeightedReducer(nonzero_only=isinstance(inner, AvgNonZeroReducer)))
+
+    def set_class_weights(self, weights: Tensor | None) -> None:
+        reducers = [m for m in self.loss.modules() if isinstance(m, ClassWeightedReducer)]
+        if weights is not None and not reducers:
+            raise ValueError("class weights need the loss built with class_weighted=True")
+        for reducer in reducers:
+            reducer.class_weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float32)
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        with torch.autocast(device_type=embeddings.device.type, enabled=False):
+            embeddings = embeddings.float()
+            tuples = self.miner(embeddings, labels) if self.miner is not None else None
+            return self.loss(embeddings, labels, tuples)
+
+
+# --- pair- and tuple-based ------------------------------------------------------------------
+def supcon(num_classes=None, embedding_dim=None, temperature: float = 0.1, class_weighted=False) -> PMLLoss:
+    """Supervised contrastive loss (Khosla et al., NeurIPS 2020)."""
+    return PMLLoss(losses.SupConLoss(temperature=temperature), class_weighted=class_weighted)
+
+
+def triplet(num_classes=None, embedding_dim=None, margin: float = 0.2, mining: str = "batch_hard", class_weighted=False) -> PMLLoss:
+    """Triplet margin loss; ``mining``: batch_hard (Hermans et al. 2017), semi_hard or all."""
+    miner_by_name = {
+        "batch_hard": miners.BatchHardMiner,
+        "semi_hard": lambda: miners.TripletMarginMiner(margin=margin, type_of_triplets="semihard"),
+        "all": lambda: None,
+    }
+    if mining not in miner_by_name:
+        raise ValueError(f"unknown triplet mining {mining!r} (model.metric_loss_kwargs.mining); valid: {sorted(miner_by_name)}")
+    return PMLLoss(losses.TripletMarginLoss(margin=margin), miner_by_name[mining](), class_weighted)
+
+
+def contrastive(num_classes=None, embedding_dim=None, pos_margin: float = 0.0, neg_margin: float = 1.0, class_weighted=False) -> PMLLoss:
+    """Contrastive loss (Hadsell et al., CVPR 2006) on normalised Euclidean distances."""
+    loss = losses.ContrastiveLoss(pos_margin=pos_margin, neg_margin=neg_margin, distance=LpDistance(normalize_embeddings=True))
+    return PMLLoss(loss, class_weighted=class_weighted)
+
+
+def multi_similarity(
+    num_classes=None, embedding_dim=None, alpha: float = 2.0, beta: float = 50.0, base: float = 0.5,
+    miner_epsilon: float | None = 0.1, class_weighted=False,
+) -> PMLLoss:
+    """Multi-similarity loss with its pair miner (Wang et al., CVPR 2019); miner_epsilon=None: no miner."""
+    miner = miners.MultiSimilarityMiner(epsilon=miner_epsilon) if miner_epsilon is not None else None
+    return PMLLoss(losses.MultiSimilarityLoss(alpha=alpha, beta=beta, base=base), miner, class_weighted)
+
+
+def circle(num_classes=None, embedding_dim=None, m: float = 0.4, gamma: float = 80.0, class_weighted=False) -> PMLLoss:
+    """Circle loss (Sun et al., CVPR 2020)."""
+    return PMLLoss(losses.CircleLoss(m=m, gamma=gamma), class_weighted=class_weighted)
+
+
+def ntxent(num_classes=None, embedding_dim=None, temperature: float = 0.07, class_weighted=False) -> PMLLoss:
+    """NT-Xent with label-defined positives (Chen et al., SimCLR, ICML 2020)."""
+    return PMLLoss(losses.NTXentLoss(temperature=temperature), class_weighted=class_weighted)
+
+
+# --- proxy and classifier-style: own weights --------------------------------------------------
+def proxy_anchor(num_classes: int, embedding_dim: int, margin: float = 0.1, alpha: float = 32.0, class_weighted=False) -> PMLLoss:
+    """Proxy-Anchor loss (Kim et al., CVPR 2020); one learnable proxy per class."""
+    return PMLLoss(losses.ProxyAnchorLoss(num_classes, embedding_dim, margin=margin, alpha=alpha), class_weighted=class_weighted)
+
+
+def proxy_nca(num_classes: int, embedding_dim: int, softmax_scale: float = 1.0, class_weighted=False) -> PMLLoss:
+    """ProxyNCA (Movshovitz-Attias et al., ICCV 2017)."""
+    return PMLLoss(losses.ProxyNCALoss(num_classes, embedding_dim, softmax_scale=softmax_scale), class_weighted=class_weighted)
+
+
+def arcface(num_classes: int, embedding_dim: int, margin: float = 28.6, scale: float = 64.0, class_weighted=False) -> PMLLoss:
+    """ArcFace additive angular margin (Deng et al., CVPR 2019); margin in degrees as in PML."""
+    return PMLLoss(losses.ArcFaceLoss(num_classes, embedding_dim, margin=margin, scale=scale), class_weighted=class_weighted)
+
+
+def cosface(num_classes: int, embedding_dim: int, margin: float = 0.35, scale: float = 64.0, class_weighted=False) -> PMLLoss:
+    """CosFace large-margin cosine loss (Wang et al., CVPR 2018)."""
+    return PMLLoss(losses.CosFaceLoss(num_classes, embedding_dim, margin=margin, scale=scale), class_weighted=class_weighted)
+
+
+def soft_triple(
+    num_classes: int, embedding_dim: int, centers_per_class: int = 10, la: float = 20.0, gamma: float = 0.1,
+    margin: float = 0.01, class_weighted=False,
+) -> PMLLoss:
+    """SoftTriple loss (Qian et al., ICCV 2019): several learnable centres per class."""
+    loss = losses.SoftTripleLoss(num_classes, embedding_dim, centers_per_class=centers_per_class, la=la, gamma=gamma, margin=margin)
+    return PMLLoss(loss, class_weighted=class_weighted)
+
+
+PML_LOSSES = {
+    "supcon": supcon,
+    "triplet": triplet,
+    "contrastive": contrastive,
+    "multi_similarity": multi_similarity,
+    "circle": circle,
+    "ntxent": ntxent,
+    "proxy_anchor": proxy_anchor,
+    "proxy_nca": proxy_nca,
+    "arcface": arcface,
+    "cosface": cosface,
+    "soft_triple": soft_triple,
+}
