@@ -15,7 +15,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export PYTHONUNBUFFERED := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test demo train-stage1 train-stage2 lint clean-venv
+.PHONY: help setup test demo train-stage1 train-stage2 lint bench bench-losses clean-venv
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-14s %s\n", $$1, $$2}'
@@ -40,6 +40,11 @@ train-stage1: setup ## stage 1: make train-stage1 DATA=ham10000 DATA_DIR=... ARG
 
 train-stage2: setup ## stage 2 (cRT) on the stage-1 handoff of EXPERIMENT: make train-stage2 DATA=ham10000
 	$(PY) -m experiments fit --config experiments/$(DATA)/stage2.yaml --data.data_dir=$(DATA_DIR) --experiment=$(EXPERIMENT) $(ARGS)
+
+bench: bench-losses ## every benchmark (ratios against a reference measured in the same run)
+
+bench-losses: setup ## metric losses: our wrappers vs pytorch-metric-learning direct, B=256/1024
+	$(PY) -m bench.metric_losses $(ARGS)
 
 lint: setup ## ruff check
 	$(VENV)/bin/ruff check .

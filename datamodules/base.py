@@ -16,7 +16,7 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from datamodules.images import find_missing, load_rgb, preload_images
 from datamodules.samplers import SAMPLERS
@@ -52,6 +52,23 @@ class ImageDataset(Dataset):
         return self.transform(image=image)["image"], self.targets[i]
 
 
+class RankShardSampler(Sampler[int]):
+    """Evaluation indices ``rank, rank + world, ...``: every sample once over all ranks.
+
+    Unlike ``DistributedSampler`` nothing is padded, so DDP-synced metrics count each test
+    image exactly once.
+    """
+
+    def __init__(self, length: int, num_replicas: int, rank: int):
+        self.indices = list(range(rank, length, num_replicas))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
 class ImageClassificationDataModule(L.LightningDataModule):
     """Single-label image classification with a grouped (lesion/patient) stratified split.
 
@@ -59,8 +76,9 @@ class ImageClassificationDataModule(L.LightningDataModule):
         data_dir: folder of the data set in its original on-disk format.
         image_size: square training/eval size in pixels (64 suits a CPU; 224+ on a GPU).
         batch_size: training batch size (and eval batch size unless ``eval_batch_size``).
-        sampler: ``instance`` (shuffle), ``m_per_class`` (P classes x M images, stage 1) or
-            ``class_balanced`` (stage 2 cRT).
+        sampler: ``instance`` (shuffle), ``m_per_class`` (P classes x M images, stage 1),
+            ``class_balanced`` (stage 2 cRT), ``sqrt`` or ``progressive`` (instance ->
+            class-balanced over ``trainer.max_epochs``).
         m_per_class: M for the m-per-class sampler; ``batch_size`` must be a multiple of it.
         val_fraction, test_fraction, split_seed: the grouped stratified split.
         split_file: CSV where the split is written, and reused from when it exists. The CLI sets
@@ -126,10 +144,9 @@ class ImageClassificationDataModule(L.LightningDataModule):
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    @property
-    def uses_batch_sampler(self) -> bool:
-        """Batch samplers shard themselves by rank: Lightning must not wrap them (DDP)."""
-        return self.sampler != "instance"
+    shards_by_rank = True
+    """Every loader shards itself under DDP; the CLI sets ``use_distributed_sampler=False``
+    (Lightning's wrapping would break the batch samplers and pad the evaluation sets)."""
 
     def prepare_data(self) -> None:
         """Make the split file once (rank zero) if it does not exist yet."""
@@ -223,12 +240,17 @@ class ImageClassificationDataModule(L.LightningDataModule):
     # --- loaders ---------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
         dataset = self.datasets["train"]
-        if self.sampler == "instance":
-            return DataLoader(
-                dataset, batch_size=self.batch_size, shuffle=True, drop_last=True, **self._loader_kwargs()
-            )
         world, rank = self._world()
-        kwargs = {"m_per_class": self.m_per_class} if self.sampler == "m_per_class" else {}
+        if self.sampler == "instance":
+            sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=self.seed, drop_last=True)
+            return DataLoader(
+                dataset, batch_size=self.batch_size, sampler=sampler, drop_last=True, **self._loader_kwargs()
+            )
+        kwargs = {}
+        if self.sampler == "m_per_class":
+            kwargs["m_per_class"] = self.m_per_class
+        if self.sampler == "progressive":
+            kwargs["total_epochs"] = max(1, getattr(self.trainer, "max_epochs", None) or 1)
         batch_sampler = SAMPLERS[self.sampler](
             dataset.targets, batch_size=self.batch_size, seed=self.seed,
             num_replicas=world, rank=rank, **kwargs,
@@ -242,7 +264,10 @@ class ImageClassificationDataModule(L.LightningDataModule):
         return self._eval_loader("test")
 
     def _eval_loader(self, split: str) -> DataLoader:
-        return DataLoader(self.datasets[split], batch_size=self.eval_batch_size, **self._loader_kwargs())
+        dataset = self.datasets[split]
+        world, rank = self._world()
+        sampler = RankShardSampler(len(dataset), world, rank)
+        return DataLoader(dataset, batch_size=self.eval_batch_size, sampler=sampler, **self._loader_kwargs())
 
     def _loader_kwargs(self) -> dict:
         return {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0}

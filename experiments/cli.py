@@ -148,8 +148,8 @@ class MedMetricCLI(LightningCLI):
         self.trainer_defaults["callbacks"] = callbacks
         if config.trainer.logger is None or config.trainer.logger is True:
             kwargs.setdefault("logger", self._loggers(run_dir, config))
-        if getattr(self.datamodule, "uses_batch_sampler", False):
-            kwargs.setdefault("use_distributed_sampler", False)  # our batch samplers shard by rank
+        if getattr(self.datamodule, "shards_by_rank", False):
+            kwargs.setdefault("use_distributed_sampler", False)  # the DataModule shards by rank
         return super().instantiate_trainer(**kwargs)
 
     def _loggers(self, run_dir: Path, config) -> list:

@@ -273,3 +273,38 @@ def test_dataloader_batch_sampler(name):
         assert xb.shape == (6, 1)
         assert xb[:, 0].long().tolist() == idx
         assert yb.tolist() == labels[idx].tolist()
+
+
+# ---------------------------------------------------------------- square-root and progressive
+
+
+def chi_square(drawn: np.ndarray, expected_p: np.ndarray) -> float:
+    observed = np.array([(drawn == c).sum() for c in range(len(expected_p))])
+    expected = expected_p * drawn.size
+    return float(((observed - expected) ** 2 / expected).sum())
+
+
+def kang_probabilities(counts: list[int], q: float) -> np.ndarray:
+    """Kang et al. 2020, eq. 1: p_j = n_j^q / sum_i n_i^q, written as a plain loop."""
+    total = sum(n**q for n in counts)
+    return np.array([n**q / total for n in counts])
+
+
+def test_square_root_sampler_follows_the_published_probabilities():
+    counts = [10000, 1000, 100]
+    labels = imbalanced_labels(dict(enumerate(counts)))
+    sampler = SAMPLERS["sqrt"](labels, batch_size=64, num_batches=300, seed=3)
+    drawn = np.concatenate([labels[b] for b in sampler])
+    assert chi_square(drawn, kang_probabilities(counts, 0.5)) < 13.8  # p = 0.001, 2 dof
+
+
+@pytest.mark.parametrize("epoch", [0, 2, 4])
+def test_progressive_sampler_moves_from_instance_to_class_balanced(epoch):
+    counts = [10000, 1000, 100]
+    labels = imbalanced_labels(dict(enumerate(counts)))
+    sampler = SAMPLERS["progressive"](labels, batch_size=64, num_batches=300, seed=4, total_epochs=4)
+    sampler.set_epoch(epoch)
+    drawn = np.concatenate([labels[b] for b in sampler])
+    t = epoch / 4  # Kang et al. 2020, eq. 2
+    expected = (1 - t) * kang_probabilities(counts, 1.0) + t * kang_probabilities(counts, 0.0)
+    assert chi_square(drawn, expected) < 13.8
