@@ -10,12 +10,16 @@ DATA_DIR ?= ../shared/data/$(DATA)
 EXPERIMENT ?= $(DATA)
 ARGS ?=
 PYTEST_ARGS ?=
+SEEDS ?= 3
+SMALL ?=
+RUNS ?= runs/*/stage*/*
+OUT ?= runs/report
 
 export NO_ALBUMENTATIONS_UPDATE := 1
 export PYTHONUNBUFFERED := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test demo train-stage1 train-stage2 lint bench bench-losses clean-venv
+.PHONY: help setup test demo train-stage1 train-stage2 reproduce report lint bench bench-losses bench-stage2 clean-venv
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-14s %s\n", $$1, $$2}'
@@ -41,10 +45,20 @@ train-stage1: setup ## stage 1: make train-stage1 DATA=ham10000 DATA_DIR=... ARG
 train-stage2: setup ## stage 2 (cRT) on the stage-1 handoff of EXPERIMENT: make train-stage2 DATA=ham10000
 	$(PY) -m experiments fit --config experiments/$(DATA)/stage2.yaml --data.data_dir=$(DATA_DIR) --experiment=$(EXPERIMENT) $(ARGS)
 
-bench: bench-losses ## every benchmark (ratios against a reference measured in the same run)
+reproduce: setup ## paper-style comparison over SEEDS seeds + report; SMALL=1 for 2 CPU cores
+	$(PY) -m experiments.reproduce --seeds $(SEEDS) $(if $(SMALL),--small,) $(if $(filter-out ../shared/data/$(DATA),$(DATA_DIR)),--data_dir $(DATA_DIR),) $(ARGS)
+
+report: setup ## markdown/CSV/figures across runs: make report RUNS='runs/exp*/stage2/*' OUT=runs/report
+	$(PY) -m experiments.report $(RUNS) --out $(OUT) $(ARGS)
+
+bench: bench-losses bench-stage2 ## every benchmark (ratios against a reference measured in the same run)
 
 bench-losses: setup ## metric losses: our wrappers vs pytorch-metric-learning direct, B=256/1024
 	$(PY) -m bench.metric_losses $(ARGS)
+
+bench-stage2: setup ## cRT epoch on cached vs uncached features; retrieval vs pytorch-metric-learning
+	$(PY) -m bench.stage2 $(ARGS)
+	$(PY) -m bench.retrieval $(ARGS)
 
 lint: setup ## ruff check
 	$(VENV)/bin/ruff check .

@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 
 MANIFEST_FORMAT = "medmetric-handoff/1"
-PATH_KEYS = ("checkpoint", "backbone_weights", "split_file", "stage1_run_dir")
+PATH_KEYS = ("checkpoint", "backbone_weights", "head_weights", "projector_weights", "split_file", "stage1_run_dir")
 
 
 class HandoffError(ValueError):
@@ -109,6 +109,21 @@ def check_manifest(
         )
 
 
+def save_submodule_state(state: dict, prefix: str, run_dir: Path) -> Path:
+    """Save the ``<prefix>.*`` entries of a module state dict alone, as ``<run>/<prefix>.pt``."""
+    sub = {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
+    path = run_dir / f"{prefix}.pt"
+    tmp = path.with_name(f".{prefix}.pt.tmp")
+    torch.save(sub, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_submodule_state(module: torch.nn.Module, path: str | Path) -> None:
+    """Load weights saved by :func:`save_submodule_state`, safely (weights_only)."""
+    module.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+
 class StageHandoff(Callback):
     """At the end of stage 1, publish the best backbone and a manifest for stage 2.
 
@@ -135,11 +150,9 @@ class StageHandoff(Callback):
             state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
         else:  # no checkpointing (e.g. fast_dev_run): hand over the weights as they are now
             state = pl_module.state_dict()
-        backbone_state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-        weights_path = run_dir / "backbone.pt"
-        tmp = weights_path.with_name(".backbone.pt.tmp")
-        torch.save(backbone_state, tmp)
-        os.replace(tmp, weights_path)
+        weights_path = save_submodule_state(state, "backbone", run_dir)
+        head_path = save_submodule_state(state, "head", run_dir)
+        projector_path = save_submodule_state(state, "projector", run_dir)
         datamodule = trainer.datamodule
         score = getattr(checkpoint_cb, "best_model_score", None)
         manifest = {
@@ -151,6 +164,9 @@ class StageHandoff(Callback):
             "backbone_weights_sha256": file_sha256(weights_path),
             "backbone": pl_module.backbone_config(),
             "feature_dim": pl_module.feature_dim,
+            "head_weights": str(head_path),
+            "projector_weights": str(projector_path),
+            "embedding_dim": pl_module.hparams.embedding_dim,
             "class_names": list(pl_module.class_names),
             "class_counts": datamodule.class_counts,
             "split_file": str(datamodule.split_file) if datamodule.split_file else None,

@@ -1,10 +1,16 @@
-"""Write test results to ``<run>/results.json``: the file the demo table and reports read."""
+"""Write test results to ``<run>/results.json`` and per-image outputs to ``test_outputs.npz``.
+
+results.json holds the metrics the demo table and the report read; test_outputs.npz holds the
+test probabilities, targets and embeddings the report's reliability diagram and embedding
+projection need.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -47,3 +53,7 @@ class ResultsWriter(Callback):
         }
         self.path = next_free(Path(trainer.default_root_dir) / "results.json")
         write_json_atomic(self.path, payload)
+        outputs = getattr(pl_module, "test_outputs", None)
+        if outputs:
+            npz = self.path.with_name(self.path.name.replace("results", "test_outputs").replace(".json", ".npz"))
+            np.savez_compressed(npz, class_names=np.asarray(pl_module.class_names), **{k: v.numpy() for k, v in outputs.items()})

@@ -52,6 +52,20 @@ class ImageDataset(Dataset):
         return self.transform(image=image)["image"], self.targets[i]
 
 
+class FeatureDataset(Dataset):
+    """(feature vector, class id) pairs: stage 2 on cached backbone features."""
+
+    def __init__(self, features: torch.Tensor, targets: torch.Tensor):
+        self.features = features
+        self.targets = torch.as_tensor(targets, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int):
+        return self.features[i], self.targets[i]
+
+
 class RankShardSampler(Sampler[int]):
     """Evaluation indices ``rank, rank + world, ...``: every sample once over all ranks.
 
@@ -263,8 +277,28 @@ class ImageClassificationDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader("test")
 
-    def _eval_loader(self, split: str) -> DataLoader:
+    def ordered_dataloader(self, split: str, sharded: bool = True) -> DataLoader:
+        """All of ``split`` in order with the eval transform (no augmentation).
+
+        Sharded by rank unless ``sharded=False``. Used to extract features (feature cache,
+        NCM/kNN/tau-norm fitting).
+        """
         dataset = self.datasets[split]
+        if isinstance(dataset, ImageDataset):
+            dataset = ImageDataset(dataset.paths, dataset.targets, build_transform("none", self.image_size), dataset.images)
+        world, rank = self._world() if sharded else (1, 0)
+        sampler = RankShardSampler(len(dataset), world, rank)
+        return DataLoader(dataset, batch_size=self.eval_batch_size, sampler=sampler, **self._loader_kwargs())
+
+    def use_features(self, features: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Serve cached features instead of images (same splits, same order, same targets)."""
+        for split, (values, targets) in features.items():
+            if not torch.equal(torch.as_tensor(targets), self.datasets[split].targets):
+                raise ValueError(f"cached features of split {split!r} do not match its images; delete the cache")
+            self.datasets[split] = FeatureDataset(values, targets)
+
+    def _eval_loader(self, split: str, dataset: Dataset | None = None) -> DataLoader:
+        dataset = dataset if dataset is not None else self.datasets[split]
         world, rank = self._world()
         sampler = RankShardSampler(len(dataset), world, rank)
         return DataLoader(dataset, batch_size=self.eval_batch_size, sampler=sampler, **self._loader_kwargs())

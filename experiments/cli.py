@@ -29,6 +29,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 
+from callbacks.feature_cache import FeatureCache  # noqa: E402
 from callbacks.handoff import StageHandoff, read_manifest  # noqa: E402
 from callbacks.results import ResultsWriter  # noqa: E402
 from lightning_modules.classifier_base import MONITOR  # noqa: E402
@@ -145,6 +146,8 @@ class MedMetricCLI(LightningCLI):
         ]
         if self.paths.stage == "stage1":
             callbacks.append(StageHandoff(experiment_manifest=str(self.paths.handoff)))
+        if getattr(self.model, "hparams", {}).get("feature_cache"):
+            callbacks.append(FeatureCache())
         self.trainer_defaults["callbacks"] = callbacks
         if config.trainer.logger is None or config.trainer.logger is True:
             kwargs.setdefault("logger", self._loggers(run_dir, config))
@@ -178,7 +181,15 @@ class MedMetricCLI(LightningCLI):
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if best else None)
 
 
-def main(args: list[str] | None = None) -> MedMetricCLI:
-    """Console script ``medmetric`` and ``python -m experiments``."""
+TOOLS = {"report": "experiments.report"}  # medmetric <tool> ...: commands beside LightningCLI's
+
+
+def main(args: list[str] | None = None):
+    """Console script ``medmetric`` and ``python -m experiments``: fit/validate/test/predict or a tool."""
+    args = args if args is not None else sys.argv[1:]
+    if args and args[0] in TOOLS:
+        import importlib
+
+        return sys.exit(importlib.import_module(TOOLS[args[0]]).main(args[1:]))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return MedMetricCLI(args=args if args is not None else sys.argv[1:])
+    return MedMetricCLI(args=args)

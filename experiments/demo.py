@@ -11,15 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from datamodules.synthetic import write_ham10000
+from experiments.runner import resolve_ham10000, run_fit
 
-REAL_DATA = Path("../shared/data/ham10000")
 CONFIGS = {"stage1": "experiments/ham10000/stage1.yaml", "stage2": "experiments/ham10000/stage2.yaml"}
 PLAN = (  # (experiment, stage, flags beyond the config, table row or None)
     ("demo-ce", "stage1", ["--model.metric_weight=0", "--data.sampler=instance"], "(a) CE, one stage"),
@@ -31,7 +27,7 @@ PLAN = (  # (experiment, stage, flags beyond the config, table row or None)
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data_dir", help=f"HAM10000 folder (default: {REAL_DATA} if present, else synthetic)")
+    parser.add_argument("--data_dir", help="HAM10000 folder (default: ../shared/data/ham10000 if present, else synthetic)")
     parser.add_argument("--runs_dir", default="runs")
     parser.add_argument("--backbone", default="resnet18")
     parser.add_argument("--image_size", type=int, default=64)
@@ -42,37 +38,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.epilog = "Any other flag (e.g. --trainer.accelerator=gpu) is passed to every fit."
     args, args.extra = parser.parse_known_args(argv)
     return args
-
-
-def resolve_data_dir(args: argparse.Namespace) -> tuple[Path, str]:
-    if args.data_dir:
-        return Path(args.data_dir), "given"
-    if (REAL_DATA / "HAM10000_metadata.csv").is_file():
-        return REAL_DATA, "real HAM10000 subset"
-    synthetic = Path(args.runs_dir) / "demo" / "synthetic_ham10000"
-    if not (synthetic / "HAM10000_metadata.csv").is_file():
-        write_ham10000(synthetic, n_images=1200, seed=0)
-    return synthetic, "synthetic HAM10000-format data (../shared/data/ham10000 not found)"
-
-
-def run_fit(config: str, experiment: str, stage: str, flags: list[str], runs_dir: Path, log_dir: Path) -> Path:
-    """Run one CLI fit; return the new run folder. The full output goes to a log file."""
-    stage_dir = runs_dir / experiment / stage
-    before = set(stage_dir.iterdir()) if stage_dir.is_dir() else set()
-    command = [sys.executable, "-m", "experiments", "fit", "--config", config, f"--experiment={experiment}", *flags]
-    log_path = log_dir / f"{experiment}-{stage}.log"
-    print(f"  {experiment} {stage}: {' '.join(command[1:])}", flush=True)
-    start = time.time()
-    with open(log_path, "w") as log:
-        log.write(" ".join(command) + "\n")
-        log.flush()
-        code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    if code != 0:
-        tail = "".join(log_path.read_text().splitlines(keepends=True)[-25:])
-        raise SystemExit(f"{experiment} {stage} failed (exit {code}); last lines of {log_path}:\n{tail}")
-    new = sorted(set(stage_dir.iterdir()) - before)
-    print(f"    done in {time.time() - start:.0f} s -> {new[-1]}", flush=True)
-    return new[-1]
 
 
 def format_table(rows: list[tuple[str, dict]], class_names: list[str], counts: list[int]) -> str:
@@ -87,7 +52,7 @@ def format_table(rows: list[tuple[str, dict]], class_names: list[str], counts: l
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     runs_dir = Path(args.runs_dir)
-    data_dir, source = resolve_data_dir(args)
+    data_dir, source = resolve_ham10000(args.data_dir, Path(args.runs_dir))
     demo_dir = runs_dir / "demo"
     log_dir = demo_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)

@@ -7,8 +7,9 @@ from collections.abc import Iterable, Sequence
 
 import lightning as L
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from lightning_modules.losses.distributed import gather_across_ranks
 from lightning_modules.metrics import ClassificationMetrics
 
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
@@ -32,6 +33,8 @@ class ClassifierModule(L.LightningModule):
         self.test_metrics = ClassificationMetrics(self.class_names)
         self.test_results: dict[str, float] | None = None
         self.test_confusion: list[list[int]] | None = None
+        self.test_outputs: dict[str, Tensor] | None = None
+        self._test_batches: list[tuple[Tensor, Tensor, Tensor | None]] = []
 
     @property
     def num_classes(self) -> int:
@@ -41,9 +44,23 @@ class ClassifierModule(L.LightningModule):
         images, targets = batch
         self.val_metrics.update(self(images), targets)
 
+    def logits_and_embeddings(self, inputs: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Logits and the representation the report projects to 2-D (None: no embedding)."""
+        return self(inputs), None
+
+    def setup(self, stage: str) -> None:
+        """Shot-group accuracies need the training class counts, known once data is set up."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        counts = getattr(datamodule, "class_counts", None) if datamodule is not None else None
+        if counts is not None:
+            self.val_metrics = ClassificationMetrics(self.class_names, train_counts=counts)
+            self.test_metrics = ClassificationMetrics(self.class_names, train_counts=counts)
+
     def test_step(self, batch, batch_idx: int) -> None:
         images, targets = batch
-        self.test_metrics.update(self(images), targets)
+        logits, embeddings = self.logits_and_embeddings(images)
+        self.test_metrics.update(logits, targets)
+        self._test_batches.append((logits.softmax(1).float(), targets, None if embeddings is None else embeddings.float()))
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val", self.val_metrics)
@@ -51,6 +68,13 @@ class ClassifierModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self.test_confusion = self.test_metrics.confusion_matrix().tolist()
         self.test_results = self._log_metrics("test", self.test_metrics)
+        probs, targets, embeddings = zip(*self._test_batches, strict=True) if self._test_batches else ((), (), ())
+        self._test_batches = []
+        if probs:
+            outputs = {"probs": torch.cat(probs), "targets": torch.cat(targets)}
+            if embeddings[0] is not None:
+                outputs["embeddings"] = torch.cat(embeddings)
+            self.test_outputs = {k: gather_across_ranks(v).cpu() for k, v in outputs.items()}
 
     def _log_metrics(self, prefix: str, metrics: ClassificationMetrics) -> dict[str, float]:
         values = metrics.compute()  # already reduced across ranks

@@ -2,7 +2,8 @@
 
     loss = CE(head(f(x)), y) + metric_weight * metric_loss(normalize(projector(f(x))), y)
 
-``metric_weight=0`` is the one-stage CE baseline. ``metric_only=True`` keeps the metric loss
+``metric_weight=0`` is the one-stage CE baseline; with ``head_loss`` (balanced_softmax, ldam with
+deferred re-weighting, ce with class weights, ...) it is that one-stage re-balancing baseline. ``metric_only=True`` keeps the metric loss
 alone for the backbone; the head then trains on detached features (a linear probe), so its
 validation balanced accuracy can still pick the checkpoint.
 
@@ -24,6 +25,7 @@ from lightning_modules.classifier_base import ClassifierModule
 from lightning_modules.heads import LinearHead, Projector
 from lightning_modules.losses import build_metric_loss, class_weights_from_counts
 from lightning_modules.losses.distributed import gather_across_ranks, world
+from lightning_modules.losses.rebalancing import HEAD_LOSSES, build_head_loss
 
 
 class MetricPretrainModule(ClassifierModule):
@@ -41,6 +43,8 @@ class MetricPretrainModule(ClassifierModule):
         metric_loss_kwargs: dict | None = None,
         metric_weight: float = 1.0,
         metric_only: bool = False,
+        head_loss: str = "ce",
+        head_loss_kwargs: dict | None = None,
         class_weighting: str = "none",
         class_weighting_beta: float = 0.999,
         gather_across_ranks: bool = True,
@@ -61,6 +65,9 @@ class MetricPretrainModule(ClassifierModule):
         self.head = LinearHead(self.feature_dim, self.num_classes)
         self.projector = Projector(self.feature_dim, embedding_dim)
         class_weights_from_counts([1, 1], class_weighting, class_weighting_beta)  # unknown scheme fails now
+        if head_loss not in HEAD_LOSSES:
+            raise ValueError(f"unknown head loss {head_loss!r} (model.head_loss); valid: {sorted(HEAD_LOSSES)}")
+        self.head_loss = None  # built in setup(): it needs the training class counts
         self.metric_loss = build_metric_loss(
             metric_loss,
             num_classes=self.num_classes,
@@ -70,15 +77,19 @@ class MetricPretrainModule(ClassifierModule):
         )
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         datamodule = getattr(self.trainer, "datamodule", None)
         hp = self.hparams
+        if datamodule is not None and (hp.head_loss != "ce" or hp.head_loss_kwargs):
+            self.head_loss = build_head_loss(hp.head_loss, datamodule.class_counts, **(hp.head_loss_kwargs or {}))
         if hp.class_weighting != "none" and datamodule is not None:
             weights = class_weights_from_counts(datamodule.class_counts, hp.class_weighting, hp.class_weighting_beta)
             self.metric_loss.set_class_weights(weights)
 
     def on_train_epoch_start(self) -> None:
-        if hasattr(self.metric_loss, "set_epoch"):  # progressive schedules (class_center_triplet)
-            self.metric_loss.set_epoch(self.current_epoch)
+        for loss in (self.metric_loss, self.head_loss):  # progressive schedules, LDAM-DRW
+            if hasattr(loss, "set_epoch"):
+                loss.set_epoch(self.current_epoch)
 
     def backbone_config(self) -> dict:
         """What stage 2 needs to rebuild the same backbone (weights come from the checkpoint)."""
@@ -88,12 +99,17 @@ class MetricPretrainModule(ClassifierModule):
     def forward(self, images: Tensor) -> Tensor:
         return self.head(self.backbone(images))
 
+    def logits_and_embeddings(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        features = self.backbone(images)
+        return self.head(features), self.projector(features)
+
     def training_step(self, batch, batch_idx: int) -> Tensor:
         images, targets = batch
         features = self.backbone(images)
         hp = self.hparams
         head_input = features.detach() if hp.metric_only else features
-        ce = F.cross_entropy(self.head(head_input), targets)
+        logits = self.head(head_input)
+        ce = self.head_loss(logits, targets) if self.head_loss is not None else F.cross_entropy(logits, targets)
         loss = ce
         logs = {"train/ce": ce}
         if hp.metric_weight > 0:

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_modules.metric_pretrain import MetricPretrainModule
+from tests.conftest import make_stage1_handoff
 
 CLASSES = ["a", "b", "c"]
 
@@ -64,42 +65,30 @@ def test_contradictory_options_are_refused():
         MetricPretrainModule(CLASSES, backbone="test_resnet", metric_weight=-1.0)
 
 
-def make_handoff(tmp_path, classes=CLASSES):
-    from callbacks.handoff import MANIFEST_FORMAT, file_sha256, write_manifest
-
-    stage1 = MetricPretrainModule(classes, backbone="test_resnet")
-    torch.save(stage1.backbone.state_dict(), tmp_path / "backbone.pt")
-    write_manifest(tmp_path / "handoff.json", {
-        "format": MANIFEST_FORMAT, "backbone_weights": str(tmp_path / "backbone.pt"),
-        "backbone_weights_sha256": file_sha256(tmp_path / "backbone.pt"),
-        "backbone": stage1.backbone_config(), "class_names": list(classes), "split_sha256": "x",
-    })
-    return stage1, tmp_path / "handoff.json"
-
-
 def test_crt_loads_the_stage1_backbone_frozen_in_eval_mode(tmp_path):
     from lightning_modules.rebalanced_head import RebalancedHeadModule
 
-    stage1, handoff = make_handoff(tmp_path)
+    handoff = make_stage1_handoff(tmp_path, CLASSES)
+    stage1_backbone = torch.load(tmp_path / "backbone.pt", weights_only=True)
     module = RebalancedHeadModule(CLASSES, handoff=str(handoff)).train()
-    assert not module.backbone.training and module.head.training
+    assert not module.backbone.training and module.strategy.head.training
     assert not any(p.requires_grad for p in module.backbone.parameters())
-    for key, value in stage1.backbone.state_dict().items():
+    for key, value in stage1_backbone.items():
         assert torch.equal(module.backbone.state_dict()[key], value)
     images, targets = batch()
     F.cross_entropy(module(images), targets).backward()
     assert all(p.grad is None for p in module.backbone.parameters())
-    assert module.head.weight.grad.abs().sum() > 0
+    assert module.strategy.head.weight.grad.abs().sum() > 0
 
 
 def test_crt_refuses_another_class_list_or_backbone(tmp_path):
     from callbacks.handoff import HandoffError
     from lightning_modules.rebalanced_head import RebalancedHeadModule
 
-    _, handoff = make_handoff(tmp_path)
+    handoff = make_stage1_handoff(tmp_path, CLASSES)
     with pytest.raises(HandoffError, match="trained on classes"):
         RebalancedHeadModule(["a", "b", "x"], handoff=str(handoff))
     with pytest.raises(HandoffError, match="model.backbone='resnet18'"):
         RebalancedHeadModule(CLASSES, handoff=str(handoff), backbone="resnet18")
-    with pytest.raises(ValueError, match=r"unknown stage-2 strategy 'lws'.*valid: \['crt'\]"):
-        RebalancedHeadModule(CLASSES, handoff=str(handoff), strategy="lws")
+    with pytest.raises(ValueError, match=r"unknown stage-2 strategy 'lsw'.*valid: \['crt', 'knn', 'lws', 'ncm', 'tau_norm'\]"):
+        RebalancedHeadModule(CLASSES, handoff=str(handoff), strategy="lsw")

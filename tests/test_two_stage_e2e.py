@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from callbacks.handoff import HandoffError
+from callbacks.handoff import PATH_KEYS, HandoffError
 from experiments.cli import main
 
 pytestmark = pytest.mark.slow
@@ -62,9 +62,7 @@ def two_stage(ham_root, tmp_path_factory):
 def test_manifest_names_the_best_validation_checkpoint(two_stage):
     runs, stage1, _, _ = two_stage
     manifest = json.loads((runs / "e2e" / "handoff.json").read_text())
-    assert manifest == json.loads((stage1 / "handoff.json").read_text()) | {
-        k: manifest[k] for k in ("stage1_run_dir", "checkpoint", "backbone_weights", "split_file")
-    }
+    assert manifest == json.loads((stage1 / "handoff.json").read_text()) | {k: manifest[k] for k in PATH_KEYS}
     assert manifest["backbone"] == {"name": "test_resnet", "in_chans": 3, "kwargs": {}}
     assert manifest["class_names"] == ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
     split = pd.read_csv(runs / "e2e" / "split.csv")

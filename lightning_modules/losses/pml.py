@@ -126,7 +126,12 @@ def circle(num_classes=None, embedding_dim=None, m: float = 0.4, gamma: float = 
 
 
 def ntxent(num_classes=None, embedding_dim=None, temperature: float = 0.07, class_weighted=False) -> PMLLoss:
-    """NT-Xent with label-defined positives (Chen et al., SimCLR, ICML 2020)."""
+    """NT-Xent with label-defined positives (Chen et al., SimCLR, ICML 2020).
+
+    PML masks a (positive pairs x negative pairs) matrix: fine for SimCLR-style batches (one
+    positive per anchor), but with few classes it grows as B^4 (~5e8 entries at B=256 with 7
+    classes). Prefer supcon for class labels.
+    """
     return PMLLoss(losses.NTXentLoss(temperature=temperature), class_weighted=class_weighted)
 
 

@@ -1,0 +1,105 @@
+"""Stage-2 benchmark: one cRT epoch on cached backbone features against the uncached path.
+
+Same data (a generated HAM10000-format set, or --data_dir), same frozen stage-1 backbone, same
+class-balanced sampler and head, no augmentation, measured in one process with the real
+RebalancedHeadModule and Trainer. The one-time cost of building the cache is printed too.
+
+    python -m bench.stage2 [--n_images 2000] [--backbone resnet18] [--image_size 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+
+from callbacks.feature_cache import FeatureCache  # noqa: E402
+from callbacks.handoff import MANIFEST_FORMAT, file_sha256, save_submodule_state, write_manifest  # noqa: E402
+from datamodules.skin import HAM10000DataModule  # noqa: E402
+from datamodules.synthetic import write_ham10000  # noqa: E402
+from lightning_modules.metric_pretrain import MetricPretrainModule  # noqa: E402
+from lightning_modules.rebalanced_head import RebalancedHeadModule  # noqa: E402
+
+
+def stage1_manifest(work: Path, datamodule: HAM10000DataModule, backbone: str) -> Path:
+    """A handoff from an untrained stage-1 model: timing does not depend on the weights."""
+    stage1 = MetricPretrainModule(datamodule.class_names, backbone=backbone)
+    state = stage1.state_dict()
+    paths = {prefix: save_submodule_state(state, prefix, work) for prefix in ("backbone", "head", "projector")}
+    manifest = work / "handoff.json"
+    write_manifest(manifest, {
+        "format": MANIFEST_FORMAT, "backbone_weights": str(paths["backbone"]),
+        "backbone_weights_sha256": file_sha256(paths["backbone"]), "head_weights": str(paths["head"]),
+        "projector_weights": str(paths["projector"]), "backbone": stage1.backbone_config(),
+        "feature_dim": stage1.feature_dim, "embedding_dim": 128, "class_names": datamodule.class_names,
+        "class_counts": datamodule.class_counts, "split_sha256": datamodule.split_sha256(),
+    })
+    return manifest
+
+
+def timed_epoch(manifest: Path, datamodule_args: dict, callbacks: list) -> tuple[float, float]:
+    """(seconds of setup incl. any cache build, seconds of one training epoch)."""
+    datamodule = HAM10000DataModule(**datamodule_args)
+    model = RebalancedHeadModule(datamodule.class_names, handoff=str(manifest), feature_cache=bool(callbacks))
+    epoch_times: list[float] = []
+
+    class EpochTimer(L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            self.start = time.perf_counter()
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            epoch_times.append(time.perf_counter() - self.start)
+
+    trainer = L.Trainer(
+        max_epochs=1, limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, callbacks=[*callbacks, EpochTimer()],
+        use_distributed_sampler=False,
+    )
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=datamodule)
+    return time.perf_counter() - start - epoch_times[0], epoch_times[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data_dir")
+    parser.add_argument("--n_images", type=int, default=2000)
+    parser.add_argument("--backbone", default="resnet18")
+    parser.add_argument("--image_size", type=int, default=64)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        data_dir = Path(args.data_dir) if args.data_dir else write_ham10000(work / "data", n_images=args.n_images)
+        datamodule_args = dict(
+            data_dir=str(data_dir), image_size=args.image_size, batch_size=64, sampler="class_balanced",
+            augment="none", preload=True, num_workers=0, split_file=str(work / "split.csv"),
+        )
+        reference = HAM10000DataModule(**datamodule_args)
+        reference.prepare_data()
+        reference.setup()
+        manifest = stage1_manifest(work, reference, args.backbone)
+        torch.manual_seed(0)
+        _, uncached = timed_epoch(manifest, datamodule_args, [])
+        build, first_cached = timed_epoch(manifest, datamodule_args, [FeatureCache(str(work / "cache"))])
+        _, cached = timed_epoch(manifest, datamodule_args, [FeatureCache(str(work / "cache"))])
+    train = len(reference.datasets["train"])
+    print(f"cRT, {train} training images, {args.backbone} at {args.image_size} px, class-balanced batches of 64, CPU threads {torch.get_num_threads()}")
+    print("| path | epoch s | ratio to uncached |")
+    print("|---|---|---|")
+    print(f"| images through the frozen backbone | {uncached:.2f} | 1.00 |")
+    print(f"| cached features (first run) | {first_cached:.3f} | {uncached / first_cached:.1f}x faster |")
+    print(f"| cached features (reused cache) | {cached:.3f} | {uncached / cached:.1f}x faster |")
+    print(f"one-time cache build incl. setup: {build:.2f} s (train + val + test features)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
