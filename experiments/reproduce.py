@@ -56,6 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--runs_dir", default="runs")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--small", action="store_true", help="CPU size: 32 px, resnet18, 5 + 5 epochs")
+    parser.add_argument("--backbone", help="timm model for stage 1 (default: resnet18 small, resnet50 full)")
     parser.add_argument("--wandb", default="auto")
     parser.epilog = "Any other flag (e.g. --trainer.accelerator=gpu) is passed to every fit."
     args, args.extra = parser.parse_known_args(argv)
@@ -69,7 +70,7 @@ def experiment_name(method: str, seed: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     runs_dir = Path(args.runs_dir)
-    size = SIZES["small" if args.small else "full"]
+    size = SIZES["small" if args.small else "full"] | ({"backbone": args.backbone} if args.backbone else {})
     data_dir, source = resolve_ham10000(args.data_dir, runs_dir)
     out_dir = runs_dir / "reproduce"
     log_dir = out_dir / "logs"

@@ -37,7 +37,10 @@ def build_metric_loss(
     try:
         return METRIC_LOSSES[name](num_classes=num_classes, embedding_dim=embedding_dim, class_weighted=class_weighted, **kwargs)
     except TypeError as err:
-        raise ValueError(f"bad arguments for metric loss {name!r} (model.metric_loss_kwargs): {err}") from err
+        raise ValueError(
+            f"bad arguments for metric loss {name!r} (model.metric_loss_kwargs={kwargs}): {err}. If they "
+            "belong to the loss a config file named before, reset them: --model.metric_loss_kwargs={}"
+        ) from err
 
 
 register_own_loss("class_center_triplet", ClassCenterTripletLoss)

@@ -163,11 +163,16 @@ def retrieval_metrics(
         hits_at_1[rows] = relevant[:, 0].double()
         for j, kk in enumerate(ks):
             hits_at_k[j, rows] = relevant[:, :kk].any(dim=1).double()
-        # AP@R: only the first R neighbours of each query count (R <= k here).
-        positions = torch.arange(1, k + 1, device=device)
-        relevant &= positions.unsqueeze(0) <= r.unsqueeze(1)
-        precision = relevant.cumsum(dim=1).double() / positions.double()
-        average_precision[rows] = (precision * relevant).sum(dim=1) / r.double()
+        # AP@R: only the first R neighbours count (R <= k here). At the n-th hit of a row,
+        # at position i (1-based), P(i) = n / i; the sum runs over the hits only.
+        relevant &= torch.arange(1, k + 1, device=device).unsqueeze(0) <= r.unsqueeze(1)
+        hit_row, hit_col = relevant.nonzero(as_tuple=True)  # row-major: hits in rank order
+        hits_per_row = torch.bincount(hit_row, minlength=len(rows))
+        first_hit = hits_per_row.cumsum(0) - hits_per_row
+        nth_hit = torch.arange(1, len(hit_row) + 1, device=device) - first_hit[hit_row]
+        precision = nth_hit.double() / (hit_col + 1).double()
+        summed = torch.zeros(len(rows), dtype=torch.float64, device=device)
+        average_precision[rows] = summed.index_add_(0, hit_row, precision) / r.double()
 
     values = {
         "precision_at_1": hits_at_1,

@@ -1,0 +1,136 @@
+"""Retrieval-metric benchmark: our chunked ``retrieval_metrics`` against PML's AccuracyCalculator.
+
+N embeddings (default 20,000 x 128, 50 long-tailed classes, largest/smallest ~100, with
+some class structure), leave-one-out, cosine. Both compute Precision@1 and MAP@R:
+
+* ours: ``retrieval_metrics(emb, labels, k_values=(1, 5, 10))`` (also Recall@5/10);
+* PML: ``AccuracyCalculator(include=("precision_at_1", "mean_average_precision_at_r"),
+  k="max_bin_count", knn_func=CustomKNN(CosineSimilarity()))``. ``k="max_bin_count"``
+  (the largest class count) is what MAP@R needs. PML's default ``knn_func`` is faiss
+  (``IndexFlatL2``); without faiss installed its constructor fails (``NameError:
+  faiss``), so the torch fallback has to be given explicitly: ``CustomKNN`` computes the
+  whole N x N score matrix and one ``torch.topk`` over it (``--pml_batch_size`` makes it
+  use PML's ``BatchedDistance`` instead).
+
+Prints wall time, peak memory (CPU: growth of the process's peak resident set, Linux
+``VmHWM`` reset via ``/proc/self/clear_refs``; CUDA: ``max_memory_allocated``) and the
+ratios, and exits non-zero unless the values agree. Agreement is to ``--tol`` (1e-6), not
+bitwise: at this N, float32 scores have exact ties (about N^2 / 2^24 per row), which
+either ``torch.topk`` call may order differently; the neighbour lists are otherwise
+identical (see ``tests/test_retrieval.py`` for exact agreement on tie-free data).
+
+    python -m bench.retrieval [--n 20000] [--classes 50] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+from pytorch_metric_learning.distances import CosineSimilarity, LpDistance
+from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+from pytorch_metric_learning.utils.inference import CustomKNN
+
+from bench.metric_losses import peak_memory_mb
+from lightning_modules.metrics import retrieval_metrics
+
+
+def make_data(n: int, dim: int, classes: int, imbalance: float, seed: int):
+    """Long-tailed labels (class c has weight imbalance^(-c/(C-1))), noisy class centres."""
+    g = torch.Generator().manual_seed(seed)
+    weights = torch.tensor([imbalance ** (-c / max(classes - 1, 1)) for c in range(classes)])
+    labels = torch.multinomial(weights / weights.sum(), n, replacement=True, generator=g)
+    centres = torch.randn(classes, dim, generator=g)
+    embeddings = centres[labels] * 0.35 + torch.randn(n, dim, generator=g)
+    return embeddings, labels
+
+
+def timed(fn, device: torch.device) -> tuple[dict, float, float]:
+    """Result, seconds and peak MB of one call."""
+    box: dict = {}
+
+    def step():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        box["result"] = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        box["seconds"] = time.perf_counter() - start
+
+    peak = peak_memory_mb(step, device)
+    return box["result"], box["seconds"], peak
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n", type=int, default=20_000)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--classes", type=int, default=50)
+    parser.add_argument("--imbalance", type=float, default=100.0, help="largest/smallest class weight")
+    parser.add_argument("--distance", choices=["cosine", "euclidean"], default="cosine")
+    parser.add_argument("--chunk_size", type=int, default=1024)
+    parser.add_argument("--pml_batch_size", type=int, default=None, help="PML CustomKNN batch_size (default: whole matrix)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tol", type=float, default=1e-6)
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    embeddings, labels = make_data(args.n, args.dim, args.classes, args.imbalance, args.seed)
+    embeddings, labels = embeddings.to(device), labels.to(device)
+    counts = torch.bincount(labels)
+    print(
+        f"N={args.n} dim={args.dim} classes={int((counts > 0).sum())} "
+        f"(largest {int(counts.max())}, smallest {int(counts[counts > 0].min())}) "
+        f"{args.distance}, leave-one-out, device={device}, torch threads={torch.get_num_threads()}"
+    )
+
+    def ours():
+        return retrieval_metrics(
+            embeddings, labels, k_values=(1, 5, 10), distance=args.distance, chunk_size=args.chunk_size
+        )
+
+    distance = CosineSimilarity() if args.distance == "cosine" else LpDistance(normalize_embeddings=False)
+    calculator = AccuracyCalculator(
+        include=("precision_at_1", "mean_average_precision_at_r"),
+        k="max_bin_count",
+        knn_func=CustomKNN(distance, batch_size=args.pml_batch_size),
+        device=device,
+    )
+
+    def pml():
+        return calculator.get_accuracy(embeddings, labels)
+
+    retrieval_metrics(embeddings[:256], labels[:256], chunk_size=64)  # warm-up
+    got, our_s, our_mb = timed(ours, device)
+    ref, pml_s, pml_mb = timed(pml, device)
+
+    rows = [("ours (chunked topk)", our_s, our_mb), ("PML AccuracyCalculator", pml_s, pml_mb)]
+    print(f"{'':24s} {'seconds':>9s} {'peak MB':>9s}")
+    for name, sec, mb in rows:
+        print(f"{name:24s} {sec:9.2f} {mb:9.0f}")
+    print(f"{'PML / ours':24s} {pml_s / our_s:8.1f}x {pml_mb / max(our_mb, 1e-9):8.1f}x")
+
+    pairs = [
+        ("precision_at_1", got["precision_at_1"], ref["precision_at_1"]),
+        ("map_at_r", got["map_at_r"], ref["mean_average_precision_at_r"]),
+    ]
+    print(f"\n{'metric':16s} {'ours':>20s} {'PML':>20s} {'|diff|':>10s}")
+    ok = True
+    for name, a, b in pairs:
+        diff = abs(a - b)
+        ok &= diff <= args.tol
+        print(f"{name:16s} {a:20.15f} {b:20.15f} {diff:10.2e}")
+    print(f"{'recall_at_5':16s} {got['recall_at_5']:20.15f}")
+    print(f"{'recall_at_10':16s} {got['recall_at_10']:20.15f}")
+    if got["recall_at_1"] != got["precision_at_1"]:
+        ok = False
+    print("values agree" if ok else f"VALUES DIFFER (tolerance {args.tol})")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
