@@ -215,7 +215,11 @@ class CrossEntropyLoss(HeadLoss):
     def compute(self, logits: Tensor, targets: Tensor) -> Tensor:
         _, target_log_probs = _target_log_probs(logits, targets)
         weights = None if self.class_weights is None else self._constant(self.class_weights, logits)
-        return _weighted_mean_over_batch(-target_log_probs, weights, targets)
+        return _weighted_mean_over_batch(self.per_sample(target_log_probs), weights, targets)
+
+    def per_sample(self, target_log_probs: Tensor) -> Tensor:
+        """Unweighted per-sample loss from log p_y (focal loss modulates it)."""
+        return -target_log_probs
 
     def extra_repr(self) -> str:
         return f"weighting={self.weighting!r}, beta={self.beta}"
@@ -434,7 +438,7 @@ class LabelAwareSmoothingLoss(HeadLoss):
         return f"smooth_head={self.smooth_head}, smooth_tail={self.smooth_tail}, shape={self.shape!r}, power={self.power}"
 
 
-class FocalLoss(HeadLoss):
+class FocalLoss(CrossEntropyLoss):
     r"""Softmax focal loss of Lin et al., "Focal Loss for Dense Object Detection", ICCV 2017
     (eq. 4; eq. 5 with the class weight ``alpha_t``):
 
@@ -451,24 +455,15 @@ class FocalLoss(HeadLoss):
     def __init__(
         self, class_counts, gamma: float = 2.0, weighting: str = "none", beta: float = 0.999
     ):
-        super().__init__(class_counts)
+        super().__init__(class_counts, weighting=weighting, beta=beta)
         self.gamma = _number("gamma", gamma, 0.0)
-        self.weighting = _choice("weighting", weighting, WEIGHTINGS)
-        self.beta = _number("beta", beta, 0.0, 1.0, high_open=True)
-        self.register_buffer(
-            "class_weights",
-            _class_weights(self.class_counts, weighting, self.beta),
-            persistent=False,
-        )
 
-    def compute(self, logits: Tensor, targets: Tensor) -> Tensor:
-        _, log_pt = _target_log_probs(logits, targets)
-        losses = -log_pt
+    def per_sample(self, target_log_probs: Tensor) -> Tensor:
+        losses = -target_log_probs
         if self.gamma != 0:
-            one_minus_pt = (-torch.expm1(log_pt)).clamp(min=torch.finfo(log_pt.dtype).tiny)
+            one_minus_pt = (-torch.expm1(target_log_probs)).clamp(min=torch.finfo(target_log_probs.dtype).tiny)
             losses = one_minus_pt**self.gamma * losses
-        weights = None if self.class_weights is None else self._constant(self.class_weights, logits)
-        return _weighted_mean_over_batch(losses, weights, targets)
+        return losses
 
     def extra_repr(self) -> str:
         return f"gamma={self.gamma}, weighting={self.weighting!r}, beta={self.beta}"
