@@ -12,7 +12,7 @@ some class structure), leave-one-out, cosine. Both compute Precision@1 and MAP@R
   whole N x N score matrix and one ``torch.topk`` over it (``--pml_batch_size`` makes it
   use PML's ``BatchedDistance`` instead).
 
-Prints wall time, peak memory (CPU: growth of the process's peak resident set, Linux
+Prints the best wall time of ``--rounds`` alternating runs, peak memory (CPU: growth of the process's peak resident set, Linux
 ``VmHWM`` reset via ``/proc/self/clear_refs``; CUDA: ``max_memory_allocated``) and the
 ratios, and exits non-zero unless the values agree. Agreement is to ``--tol`` (1e-6), not
 bitwise: at this N, float32 scores have exact ties (about N^2 / 2^24 per row), which
@@ -69,13 +69,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=20_000)
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--classes", type=int, default=50)
-    parser.add_argument("--imbalance", type=float, default=100.0, help="largest/smallest class weight")
+    parser.add_argument(
+        "--imbalance", type=float, default=100.0, help="largest/smallest class weight"
+    )
     parser.add_argument("--distance", choices=["cosine", "euclidean"], default="cosine")
     parser.add_argument("--chunk_size", type=int, default=1024)
-    parser.add_argument("--pml_batch_size", type=int, default=None, help="PML CustomKNN batch_size (default: whole matrix)")
+    parser.add_argument(
+        "--pml_batch_size",
+        type=int,
+        default=None,
+        help="PML CustomKNN batch_size (default: whole matrix)",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tol", type=float, default=1e-6)
+    parser.add_argument("--rounds", type=int, default=2, help="timed runs of each (best is shown)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -90,10 +98,16 @@ def main(argv: list[str] | None = None) -> int:
 
     def ours():
         return retrieval_metrics(
-            embeddings, labels, k_values=(1, 5, 10), distance=args.distance, chunk_size=args.chunk_size
+            embeddings,
+            labels,
+            k_values=(1, 5, 10),
+            distance=args.distance,
+            chunk_size=args.chunk_size,
         )
 
-    distance = CosineSimilarity() if args.distance == "cosine" else LpDistance(normalize_embeddings=False)
+    distance = (
+        CosineSimilarity() if args.distance == "cosine" else LpDistance(normalize_embeddings=False)
+    )
     calculator = AccuracyCalculator(
         include=("precision_at_1", "mean_average_precision_at_r"),
         k="max_bin_count",
@@ -105,14 +119,20 @@ def main(argv: list[str] | None = None) -> int:
         return calculator.get_accuracy(embeddings, labels)
 
     retrieval_metrics(embeddings[:256], labels[:256], chunk_size=64)  # warm-up
+    # Alternate the two so that load from other processes hits both alike; keep the best.
+    # Peak memory is that of the first round (later ones reuse memory already mapped).
     got, our_s, our_mb = timed(ours, device)
     ref, pml_s, pml_mb = timed(pml, device)
+    for _ in range(args.rounds - 1):
+        our_s = min(our_s, timed(ours, device)[1])
+        pml_s = min(pml_s, timed(pml, device)[1])
 
     rows = [("ours (chunked topk)", our_s, our_mb), ("PML AccuracyCalculator", pml_s, pml_mb)]
-    print(f"{'':24s} {'seconds':>9s} {'peak MB':>9s}")
+    print(f"{'':24s} {'seconds':>9s} {'peak MB':>9s}   (best of {args.rounds})")
     for name, sec, mb in rows:
         print(f"{name:24s} {sec:9.2f} {mb:9.0f}")
-    print(f"{'PML / ours':24s} {pml_s / our_s:8.1f}x {pml_mb / max(our_mb, 1e-9):8.1f}x")
+    memory_ratio = f"{pml_mb / our_mb:8.1f}x" if our_mb >= 1 else f"{'-':>9s}"
+    print(f"{'PML / ours':24s} {pml_s / our_s:8.1f}x {memory_ratio}")
 
     pairs = [
         ("precision_at_1", got["precision_at_1"], ref["precision_at_1"]),

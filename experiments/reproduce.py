@@ -9,7 +9,7 @@ Methods (each a normal CLI run; seeds vary the training, the lesion-grouped spli
     CE+class_center_triplet -> cRT     stage 1 CE + PCCT, m-per-class batches
 
 Stage 2 trains on cached backbone features (no augmentation), shared by cRT and LWS.
-``--small`` (``make reproduce SMALL=1``) is sized for 2 CPU cores (32 px, 5 + 5 epochs); the
+``--small`` (``make reproduce SMALL=1``) is sized for 2 CPU cores (resnet10t, 32 px, 5 + 5 epochs); the
 default is the GPU size (224 px, 90 + 10 epochs).
 """
 
@@ -45,7 +45,7 @@ REPORTED = {  # report label -> experiment and stage of its runs
     "CE+class_center_triplet -> cRT": ("cct-crt", "stage2"),
 }
 SIZES = {
-    "small": {"image_size": 32, "backbone": "resnet18", "stage1_epochs": 5, "stage2_epochs": 5},
+    "small": {"image_size": 32, "backbone": "resnet10t", "stage1_epochs": 5, "stage2_epochs": 5},
     "full": {"image_size": 224, "backbone": "resnet50", "stage1_epochs": 90, "stage2_epochs": 10},
 }
 
@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data_dir", help="HAM10000 folder (default: ../shared/data/ham10000 if present, else synthetic)")
     parser.add_argument("--runs_dir", default="runs")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--small", action="store_true", help="CPU size: 32 px, resnet18, 5 + 5 epochs")
+    parser.add_argument("--small", action="store_true", help="CPU size: 32 px, resnet10t, 5 + 5 epochs")
     parser.add_argument("--backbone", help="timm model for stage 1 (default: resnet18 small, resnet50 full)")
     parser.add_argument("--wandb", default="auto")
     parser.epilog = "Any other flag (e.g. --trainer.accelerator=gpu) is passed to every fit."

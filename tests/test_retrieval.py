@@ -44,13 +44,23 @@ def _assert_no_ties(query, reference, reference_labels, distance, exclude_self):
         s[torch.arange(len(query)), torch.arange(len(query))] = -math.inf
     s, order = s.sort(dim=1, descending=True)
     # only the first max(R) + max(k) neighbours are read (ties further down do not count)
-    keep = min(s.shape[1] - int(exclude_self), int(torch.bincount(reference_labels).max()) + max(KS))
+    keep = min(
+        s.shape[1] - int(exclude_self), int(torch.bincount(reference_labels).max()) + max(KS)
+    )
     s, nbr_labels = s[:, :keep], reference_labels[order[:, :keep]]
     tied = (s[:, 1:] == s[:, :-1]) & (nbr_labels[:, 1:] != nbr_labels[:, :-1])
     assert not tied.any(), "test data has label-mixed score ties: pick another seed"
 
 
-def _pml(query, query_labels, reference, reference_labels, distance, avg_of_avgs, ref_includes_query=False):
+def _pml(
+    query,
+    query_labels,
+    reference,
+    reference_labels,
+    distance,
+    avg_of_avgs,
+    ref_includes_query=False,
+):
     # No faiss here: AccuracyCalculator's default knn_func (FaissKNN) fails with
     # NameError, so give it PML's exact torch k-NN with the matching distance. PML's
     # LpDistance normalises by default; Euclidean on raw embeddings needs it off.
@@ -67,7 +77,16 @@ def _pml(query, query_labels, reference, reference_labels, distance, avg_of_avgs
     return calc.get_accuracy(query, query_labels, reference, reference_labels, ref_includes_query)
 
 
-def _naive(query, query_labels, reference=None, reference_labels=None, ks=KS, distance="cosine", per_class=False, exclude_self=None):
+def _naive(
+    query,
+    query_labels,
+    reference=None,
+    reference_labels=None,
+    ks=KS,
+    distance="cosine",
+    per_class=False,
+    exclude_self=None,
+):
     """One query at a time, plain Python: sort the references, read off the metrics."""
     same = reference is None
     if same:
@@ -132,7 +151,14 @@ def _assert_close(got, ref, tol=1e-12):
 def test_leave_one_out_matches_pml(distance, per_class_average):
     emb, labels = _embeddings(0, 300)
     _assert_no_ties(emb, emb, labels, distance, exclude_self=True)
-    got = retrieval_metrics(emb, labels, distance=distance, per_class_average=per_class_average, chunk_size=64, k_values=KS)
+    got = retrieval_metrics(
+        emb,
+        labels,
+        distance=distance,
+        per_class_average=per_class_average,
+        chunk_size=64,
+        k_values=KS,
+    )
     ref = _pml(emb, labels, None, None, distance, per_class_average)
     assert got["precision_at_1"] == ref["precision_at_1"]
     assert got["recall_at_1"] == ref["precision_at_1"]
@@ -145,7 +171,10 @@ def test_separate_reference_matches_pml(distance, per_class_average):
     query, query_labels = _embeddings(2, 200)
     reference, reference_labels = _embeddings(102, 450)
     # a query class missing from the reference set: those queries are left out (PML: "lone")
-    reference, reference_labels = reference[reference_labels != 4], reference_labels[reference_labels != 4]
+    reference, reference_labels = (
+        reference[reference_labels != 4],
+        reference_labels[reference_labels != 4],
+    )
     assert (query_labels == 4).any()
     _assert_no_ties(query, reference, reference_labels, distance, exclude_self=False)
     got = retrieval_metrics(
@@ -177,9 +206,23 @@ def test_exclude_self_with_reference_containing_the_queries_matches_pml():
 @pytest.mark.parametrize("per_class_average", [False, True])
 def test_leave_one_out_matches_naive_loop(distance, per_class_average):
     emb, labels = _embeddings(4, 150, dtype=torch.float64)
-    got = retrieval_metrics(emb, labels, k_values=KS, distance=distance, per_class_average=per_class_average, chunk_size=16)
+    got = retrieval_metrics(
+        emb,
+        labels,
+        k_values=KS,
+        distance=distance,
+        per_class_average=per_class_average,
+        chunk_size=16,
+    )
     _assert_close(got, _naive(emb, labels, distance=distance, per_class=per_class_average))
-    assert list(got) == ["precision_at_1", "recall_at_1", "recall_at_2", "recall_at_5", "recall_at_10", "map_at_r"]
+    assert list(got) == [
+        "precision_at_1",
+        "recall_at_1",
+        "recall_at_2",
+        "recall_at_5",
+        "recall_at_10",
+        "map_at_r",
+    ]
 
 
 @pytest.mark.parametrize("per_class_average", [False, True])
@@ -187,8 +230,21 @@ def test_separate_reference_matches_naive_loop(per_class_average):
     query, query_labels = _embeddings(5, 80, dtype=torch.float64)
     reference, reference_labels = _embeddings(6, 170, dtype=torch.float64)
     ks = (1, 3, 20, 1000)  # k beyond the reference set: every scored query has a hit
-    got = retrieval_metrics(query, query_labels, reference, reference_labels, k_values=ks, per_class_average=per_class_average, chunk_size=7)
-    _assert_close(got, _naive(query, query_labels, reference, reference_labels, ks=ks, per_class=per_class_average))
+    got = retrieval_metrics(
+        query,
+        query_labels,
+        reference,
+        reference_labels,
+        k_values=ks,
+        per_class_average=per_class_average,
+        chunk_size=7,
+    )
+    _assert_close(
+        got,
+        _naive(
+            query, query_labels, reference, reference_labels, ks=ks, per_class=per_class_average
+        ),
+    )
     assert got["recall_at_1000"] == 1.0
     assert got["recall_at_1"] <= got["recall_at_3"] <= got["recall_at_20"]
 
@@ -214,9 +270,25 @@ def test_hand_computed_separate_reference():
     query_labels = torch.tensor([0, 0, 1, 2])
     args = (query, query_labels, reference, reference_labels)
     got = retrieval_metrics(*args, k_values=(1, 2), distance="euclidean")
-    _assert_close(got, {"precision_at_1": 2 / 3, "recall_at_1": 2 / 3, "recall_at_2": 1.0, "map_at_r": (5 / 9 + 5 / 9 + 1 / 4) / 3})
+    _assert_close(
+        got,
+        {
+            "precision_at_1": 2 / 3,
+            "recall_at_1": 2 / 3,
+            "recall_at_2": 1.0,
+            "map_at_r": (5 / 9 + 5 / 9 + 1 / 4) / 3,
+        },
+    )
     got = retrieval_metrics(*args, k_values=(1, 2), distance="euclidean", per_class_average=True)
-    _assert_close(got, {"precision_at_1": 1 / 2, "recall_at_1": 1 / 2, "recall_at_2": 1.0, "map_at_r": (5 / 9 + 1 / 4) / 2})
+    _assert_close(
+        got,
+        {
+            "precision_at_1": 1 / 2,
+            "recall_at_1": 1 / 2,
+            "recall_at_2": 1.0,
+            "map_at_r": (5 / 9 + 1 / 4) / 2,
+        },
+    )
 
 
 def test_hand_computed_leave_one_out():
@@ -226,7 +298,9 @@ def test_hand_computed_leave_one_out():
     emb = torch.tensor([[0.0], [1.0], [2.5], [10.0]])
     labels = torch.tensor([0, 0, 1, 1])
     got = retrieval_metrics(emb, labels, k_values=(1, 2, 3), distance="euclidean")
-    _assert_close(got, {"precision_at_1": 3 / 4, "recall_at_2": 3 / 4, "recall_at_3": 1.0, "map_at_r": 3 / 4})
+    _assert_close(
+        got, {"precision_at_1": 3 / 4, "recall_at_2": 3 / 4, "recall_at_3": 1.0, "map_at_r": 3 / 4}
+    )
 
 
 def test_lone_queries_and_nan():
@@ -234,11 +308,19 @@ def test_lone_queries_and_nan():
     labels[0] = 9  # a class of one: nothing to retrieve when it is left out
     got = retrieval_metrics(emb, labels)
     _assert_close(got, _naive(emb, labels, ks=(1, 5, 10)))
-    assert got["precision_at_1"] * 59 == pytest.approx(round(got["precision_at_1"] * 59))  # 59 scored
+    assert got["precision_at_1"] * 59 == pytest.approx(
+        round(got["precision_at_1"] * 59)
+    )  # 59 scored
     all_nan = retrieval_metrics(emb[:3], torch.tensor([0, 1, 2]))
     assert all(math.isnan(v) for v in all_nan.values())
     empty = retrieval_metrics(emb[:0], labels[:0])
-    assert set(empty) == {"precision_at_1", "recall_at_1", "recall_at_5", "recall_at_10", "map_at_r"}
+    assert set(empty) == {
+        "precision_at_1",
+        "recall_at_1",
+        "recall_at_5",
+        "recall_at_10",
+        "map_at_r",
+    }
 
 
 def test_input_validation():
@@ -287,7 +369,9 @@ def test_retrieval_metric_options_and_errors():
     emb, labels = _embeddings(11, 120, dtype=torch.float64)
     metric = RetrievalMetrics(k_values=(1, 3), distance="euclidean", per_class_average=True)
     metric.update(emb, labels, torch.arange(120) + 1000)
-    expected = retrieval_metrics(emb, labels, k_values=(1, 3), distance="euclidean", per_class_average=True)
+    expected = retrieval_metrics(
+        emb, labels, k_values=(1, 3), distance="euclidean", per_class_average=True
+    )
     assert metric.compute() == pytest.approx(expected, abs=1e-12)
 
     metric = RetrievalMetrics()
@@ -312,3 +396,23 @@ def test_retrieval_metric_states_are_cat_reduced():
     half = torch.randn(8, 4).half()
     metric.update(half, torch.zeros(8, dtype=torch.long), torch.arange(8))
     assert metric.embeddings[0].dtype == torch.float32
+
+
+def test_large_k_path_matches_pml_and_topk():
+    """Classes of several hundred: the CPU path sorts the top-k with numpy (k >= 256)."""
+    from lightning_modules.metrics.retrieval import _top_k_indices
+
+    emb, labels = _embeddings(12, 900, classes=3)
+    assert torch.bincount(labels).max() > 300
+    _assert_no_ties(emb, emb, labels, "cosine", exclude_self=True)
+    for per_class_average in (False, True):
+        got = retrieval_metrics(emb, labels, per_class_average=per_class_average, chunk_size=128)
+        ref = _pml(emb, labels, None, None, "cosine", per_class_average)
+        assert got["precision_at_1"] == ref["precision_at_1"]
+        assert got["map_at_r"] == pytest.approx(ref["mean_average_precision_at_r"], abs=1e-12)
+
+    scores = torch.randn(50, 2000, generator=torch.Generator().manual_seed(0))
+    for k in (255, 256, 700, 2000):  # (random floats may tie: compare the scores picked)
+        idx = _top_k_indices(scores.clone(), k)
+        assert torch.equal(scores.gather(1, idx), scores.topk(k, dim=1).values)
+        assert (idx.sort(dim=1).values.diff(dim=1) > 0).all()  # distinct columns

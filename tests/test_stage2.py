@@ -202,3 +202,40 @@ def test_cached_and_uncached_heads_agree(stage1_run, ham_root):
 def test_feature_cache_refuses_augmentation(stage1_run, ham_root):
     with pytest.raises(ValueError, match=r"feature_cache=true needs data.augment=none"):
         stage2(stage1_run, ham_root, "--model.feature_cache=true", "--data.augment=dermoscopy")
+
+
+def test_shift_bn_reestimates_statistics_as_the_mean_over_stage2_batches(tmp_path):
+    """MiSLAS shift-BN: after one pass, each BatchNorm's running mean is the average of its
+    per-batch input means (cumulative average), computed here independently with hooks."""
+    module = RebalancedHeadModule(CLASSES, handoff=str(make_stage1_handoff(tmp_path, CLASSES)), bn_reestimate=True)
+    batches = [(torch.randn(8, 3, 32, 32) * 2 + 1, torch.zeros(8, dtype=torch.long)) for _ in range(3)]
+    first_bn = next(m for m in module.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    seen = []
+    handle = first_bn.register_forward_hook(lambda mod, inputs, out: seen.append(inputs[0].detach().mean((0, 2, 3))))
+    fake_trainer = type("T", (), {"datamodule": type("D", (), {"train_dataloader": lambda self: batches})()})()
+    module._trainer = fake_trainer
+    module._reestimate_batchnorm()
+    handle.remove()
+    torch.testing.assert_close(first_bn.running_mean, torch.stack(seen).mean(0), rtol=1e-4, atol=1e-5)
+    assert not first_bn.training
+
+
+def test_one_stage_baseline_uses_the_chosen_head_loss():
+    """Stage 1 with metric_weight=0 and head_loss=balanced_softmax is that one-stage baseline."""
+    from lightning_modules.losses.rebalancing import BalancedSoftmaxLoss
+    from lightning_modules.metric_pretrain import MetricPretrainModule
+
+    torch.manual_seed(0)
+    module = MetricPretrainModule(CLASSES, backbone="test_resnet", metric_weight=0.0, head_loss="balanced_softmax")
+    counts = [40, 8, 2]
+    module._trainer = type("T", (), {"datamodule": type("D", (), {"class_counts": counts})()})()
+    module.setup("fit")
+    module.log_dict = lambda *a, **k: None
+    module.eval()
+    images, targets = torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2])
+    expected = BalancedSoftmaxLoss(counts)(module(images), targets)
+    assert module.training_step((images, targets), 0).item() == pytest.approx(expected.item(), rel=1e-6)
+    expected_by_hand = F.cross_entropy(module(images) + torch.tensor(counts, dtype=torch.float).log(), targets)
+    assert expected.item() == pytest.approx(expected_by_hand.item(), rel=1e-5)
+    with pytest.raises(ValueError, match=r"model.head_loss.*valid"):
+        MetricPretrainModule(CLASSES, backbone="test_resnet", head_loss="balanced_softmx")
