@@ -48,7 +48,7 @@ def peak_memory_mb(step: Callable[[], None], device: torch.device) -> float:
         handle.write("5")  # reset VmHWM to the current resident set
     before = status("VmRSS")
     step()
-    return (status("VmHWM") - before) / 1024
+    return max(0.0, (status("VmHWM") - before) / 1024)  # pages reused from the heap can make it < 0
 
 
 def seconds(step: Callable[[], None], device: torch.device) -> float:
@@ -78,9 +78,10 @@ def compare(ours: Callable, reference: Callable, device: torch.device, rounds: i
     first = seconds(reference, device)
     rounds = max(3, min(rounds, int(budget_s / max(first, 1e-6))))
     times: dict[str, list[float]] = {"ours": [], "ref": []}
-    for _ in range(rounds):
-        times["ours"].append(seconds(ours, device))
-        times["ref"].append(seconds(reference, device))
+    for round_ in range(rounds):  # alternate who goes first: no order bias
+        order = (("ours", ours), ("ref", reference)) if round_ % 2 == 0 else (("ref", reference), ("ours", ours))
+        for name, step in order:
+            times[name].append(seconds(step, device))
     return (
         statistics.median(times["ours"]),
         statistics.median(times["ref"]),

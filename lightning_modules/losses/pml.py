@@ -81,10 +81,15 @@ class PMLLoss(nn.Module):
             reducer.class_weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float32)
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        with torch.autocast(device_type=embeddings.device.type, enabled=False):
-            embeddings = embeddings.float()
-            tuples = self.miner(embeddings, labels) if self.miner is not None else None
-            return self.loss(embeddings, labels, tuples)
+        device = embeddings.device.type
+        if embeddings.dtype == torch.float32 and not torch.is_autocast_enabled(device):
+            return self._compute(embeddings, labels)  # the common case: no context to enter
+        with torch.autocast(device_type=device, enabled=False):
+            return self._compute(embeddings.float(), labels)
+
+    def _compute(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        tuples = self.miner(embeddings, labels) if self.miner is not None else None
+        return self.loss(embeddings, labels, tuples)
 
 
 # --- pair- and tuple-based ------------------------------------------------------------------
