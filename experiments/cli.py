@@ -32,11 +32,11 @@ from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 from callbacks.feature_cache import FeatureCache  # noqa: E402
 from callbacks.handoff import StageHandoff, read_manifest  # noqa: E402
 from callbacks.results import ResultsWriter  # noqa: E402
+from experiments.wandb_mode import WANDB_MODES, wandb_offline  # noqa: E402
 from lightning_modules.classifier_base import MONITOR  # noqa: E402
 
 RUN_DIR_ENV = "MEDMETRIC_RUN_DIR"  # lets DDP worker processes join rank zero's run folder
 STAGE_OF_MODEL = {"MetricPretrainModule": "stage1", "RebalancedHeadModule": "stage2"}
-WANDB_MODES = ("auto", "online", "offline", "disabled")
 
 # Lightning warnings that are expected in this layout: the run folder already holds config and
 # W&B files when the CSV logger starts (it removes only an old metrics.csv, which a fresh run
@@ -73,22 +73,6 @@ def new_run_dir(parent: Path) -> Path:
         except FileExistsError:
             continue
     raise RuntimeError(f"could not create a new run folder under {parent}")
-
-
-def wandb_offline(mode: str) -> bool | None:
-    """True/False for W&B offline/online, None when W&B is off. ``auto``: online iff a key exists."""
-    if mode not in WANDB_MODES:
-        raise ValueError(f"unknown --wandb mode {mode!r}; valid: {list(WANDB_MODES)}")
-    env_mode = os.environ.get("WANDB_MODE", "")
-    if mode == "disabled" or env_mode == "disabled":
-        return None
-    if mode == "auto":
-        netrc = Path.home() / ".netrc"
-        has_key = bool(os.environ.get("WANDB_API_KEY")) or (
-            netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
-        )
-        return env_mode in ("offline", "dryrun") or not has_key
-    return mode == "offline"
 
 
 class MedMetricCLI(LightningCLI):

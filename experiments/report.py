@@ -76,7 +76,7 @@ RUN_SPECIFIC_KEYS = (
 REQUIRED_RESULT_KEYS = ("metrics", "class_names", "confusion_matrix")
 SEED_SUFFIX = re.compile(r"[-_]seed(\d+)$")
 TSNE_MAX_POINTS = 3000
-WANDB_MODES = ("disabled", "offline", "online")
+from experiments.wandb_mode import WANDB_MODES, wandb_offline  # noqa: E402
 
 
 class ReportError(Exception):
@@ -654,19 +654,11 @@ def markdown_report(groups: list[Group], metrics: list[str], classes: list[str],
 
 
 # --- W&B -------------------------------------------------------------------------------------
-def has_wandb_key() -> bool:
-    netrc = Path.home() / ".netrc"
-    return bool(os.environ.get("WANDB_API_KEY")) or (
-        netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"))
-
-
 def log_to_wandb(mode: str, project: str, frame: pd.DataFrame, figures: list[str], out: Path, inputs: list[str]) -> str:
     """One ``job_type="report"`` run with the summary table and every figure; returns where it went."""
     import wandb
 
-    if mode == "online" and not has_wandb_key():
-        print("note: no W&B API key (WANDB_API_KEY or ~/.netrc); logging offline", file=sys.stderr)
-        mode = "offline"
+    mode = "offline" if wandb_offline(mode) else "online"
     run = wandb.init(project=project, job_type="report", mode=mode, name=f"report-{out.name}",
                      dir=os.environ.get("WANDB_DIR") or str(out), config={"inputs": inputs, "out": str(out)})
     table = frame.astype(object).where(frame.notna(), None)
@@ -718,7 +710,7 @@ def build_report(args: argparse.Namespace, command: str) -> str:
     metrics, classes = table_metrics(runs), all_classes(groups)
     plan, captions = plan_figures(groups, classes, args.embedding)
     check_out(args.out, ["report.md", "report.csv"] + [name for name, _ in plan], runs, args.overwrite)
-    if args.wandb != "disabled":
+    if wandb_offline(args.wandb) is not None:
         try:
             import wandb  # noqa: F401
         except ImportError as error:
@@ -730,7 +722,7 @@ def build_report(args: argparse.Namespace, command: str) -> str:
     notes = label_notes(args.label, runs)
     (args.out / "report.md").write_text(markdown_report(groups, metrics, classes, captions, notes, command))
     summary = f"report: {len(runs)} runs in {len(groups)} groups -> {args.out / 'report.md'}, report.csv, {len(figures)} figures"
-    if args.wandb != "disabled":
+    if wandb_offline(args.wandb) is not None:
         summary += "\n" + log_to_wandb(args.wandb, args.wandb_project, frame, figures, args.out, args.inputs)
     return summary
 

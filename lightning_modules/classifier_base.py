@@ -19,13 +19,17 @@ MONITOR = "val/balanced_accuracy"  # model selection: validation only, never tes
 class ClassifierModule(L.LightningModule):
     """A LightningModule whose ``forward(images)`` returns class logits.
 
+    Shot groups (many/medium/few-shot accuracy) use the training counts: many > ``many_shot_threshold``
+    images, few < ``few_shot_threshold``, medium in between (OLTR convention: 100 and 20).
+
     Validation and test accumulate :class:`ClassificationMetrics` (DDP-synced by torchmetrics)
     and log them as ``val/<name>`` and ``test/<name>``; the last test results stay in
     ``self.test_results`` for the results writer.
     """
 
-    def __init__(self, class_names: Sequence[str]):
+    def __init__(self, class_names: Sequence[str], many_shot_threshold: int = 100, few_shot_threshold: int = 20):
         super().__init__()
+        self.shot_thresholds = {"many_shot_threshold": many_shot_threshold, "few_shot_threshold": few_shot_threshold}
         if len(class_names) < 2:
             raise ValueError(f"class_names needs at least two classes, got {list(class_names)}")
         self.class_names = list(class_names)
@@ -53,8 +57,8 @@ class ClassifierModule(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         counts = getattr(datamodule, "class_counts", None) if datamodule is not None else None
         if counts is not None:
-            self.val_metrics = ClassificationMetrics(self.class_names, train_counts=counts)
-            self.test_metrics = ClassificationMetrics(self.class_names, train_counts=counts)
+            self.val_metrics = ClassificationMetrics(self.class_names, train_counts=counts, **self.shot_thresholds)
+            self.test_metrics = ClassificationMetrics(self.class_names, train_counts=counts, **self.shot_thresholds)
 
     def test_step(self, batch, batch_idx: int) -> None:
         images, targets = batch

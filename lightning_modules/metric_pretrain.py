@@ -52,8 +52,10 @@ class MetricPretrainModule(ClassifierModule):
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
         loss_lr_multiplier: float = 1.0,
+        many_shot_threshold: int = 100,
+        few_shot_threshold: int = 20,
     ):
-        super().__init__(class_names)
+        super().__init__(class_names, many_shot_threshold, few_shot_threshold)
         if metric_weight < 0:
             raise ValueError(f"model.metric_weight must be >= 0, got {metric_weight}")
         if metric_only and metric_weight == 0:

@@ -62,8 +62,10 @@ class RebalancedHeadModule(ClassifierModule):
         optimizer: str = "sgd",
         lr: float = 0.05,
         weight_decay: float = 5e-4,
+        many_shot_threshold: int = 100,
+        few_shot_threshold: int = 20,
     ):
-        super().__init__(class_names)
+        super().__init__(class_names, many_shot_threshold, few_shot_threshold)
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown stage-2 strategy {strategy!r} (model.strategy); valid: {sorted(STRATEGIES)}")
         if not handoff:

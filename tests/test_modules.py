@@ -92,3 +92,17 @@ def test_crt_refuses_another_class_list_or_backbone(tmp_path):
         RebalancedHeadModule(CLASSES, handoff=str(handoff), backbone="resnet18")
     with pytest.raises(ValueError, match=r"unknown stage-2 strategy 'lsw'.*valid: \['crt', 'knn', 'lws', 'ncm', 'tau_norm'\]"):
         RebalancedHeadModule(CLASSES, handoff=str(handoff), strategy="lsw")
+
+
+def test_shot_group_thresholds_reach_the_metrics():
+    """--model.many_shot_threshold/few_shot_threshold decide which classes count as many/medium/few."""
+    module = MetricPretrainModule(CLASSES, backbone="test_resnet", many_shot_threshold=50, few_shot_threshold=5)
+    module._trainer = type("T", (), {"datamodule": type("D", (), {"class_counts": [60, 30, 3]})()})()
+    module.setup("fit")
+    logits = torch.eye(3)[[0, 0, 1, 2, 2]] * 5  # predicted: a a b c c
+    targets = torch.tensor([0, 1, 1, 2, 0])  # recalls: a 1/2, b 1/2, c 1
+    module.test_metrics.update(logits, targets)
+    values = module.test_metrics.compute()
+    assert values["many_shot_accuracy"] == pytest.approx(0.5)  # a: 60 > 50
+    assert values["medium_shot_accuracy"] == pytest.approx(0.5)  # b: 5 <= 30 <= 50
+    assert values["few_shot_accuracy"] == pytest.approx(1.0)  # c: 3 < 5
