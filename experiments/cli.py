@@ -153,6 +153,9 @@ class MedMetricCLI(LightningCLI):
                     job_type=self.paths.stage,
                     save_dir=str(run_dir),
                     offline=offline,
+                    # explicit: Lightning signals offline only through WANDB_MODE, which wandb's
+                    # settings ignore once another wandb.init ran in this process
+                    mode="offline" if offline else "online",
                 )
             )
         return loggers

@@ -667,6 +667,7 @@ def log_to_wandb(mode: str, project: str, frame: pd.DataFrame, figures: list[str
     run.log(payload)
     where = run.url if mode == "online" else getattr(run, "dir", "")
     run.finish()
+    wandb.teardown()  # leave no global W&B state behind for later runs in this process
     return f"W&B ({mode}): {where}"
 
 
