@@ -682,7 +682,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true", help="replace report files already in --out")
     parser.add_argument("--embedding", choices=("pca", "tsne"), default="pca",
                         help=f"2-D projection of the embeddings (t-SNE only up to {TSNE_MAX_POINTS} points)")
-    parser.add_argument("--wandb", choices=WANDB_MODES, default="disabled",
+    parser.add_argument("--wandb", choices=WANDB_MODES, default="auto",
                         help="also log figures and table to W&B (online falls back to offline without a key)")
     parser.add_argument("--wandb_project", default="medmetric")
     return parser.parse_args(argv)

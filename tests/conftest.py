@@ -10,6 +10,7 @@ import pytest
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("WANDB_MODE", "disabled")  # tests that check W&B unset it themselves
 
 from datamodules.synthetic import write_ham10000, write_isic2019  # noqa: E402
 
