@@ -22,27 +22,19 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
 from callbacks.feature_cache import FeatureCache  # noqa: E402
-from callbacks.handoff import MANIFEST_FORMAT, file_sha256, save_submodule_state, write_manifest  # noqa: E402
+from callbacks.handoff import stage1_manifest, write_manifest  # noqa: E402
 from datamodules.skin import HAM10000DataModule  # noqa: E402
 from datamodules.synthetic import write_ham10000  # noqa: E402
 from lightning_modules.metric_pretrain import MetricPretrainModule  # noqa: E402
 from lightning_modules.rebalanced_head import RebalancedHeadModule  # noqa: E402
 
 
-def stage1_manifest(work: Path, datamodule: HAM10000DataModule, backbone: str) -> Path:
+def untrained_handoff(work: Path, datamodule: HAM10000DataModule, backbone: str) -> Path:
     """A handoff from an untrained stage-1 model: timing does not depend on the weights."""
     stage1 = MetricPretrainModule(datamodule.class_names, backbone=backbone)
-    state = stage1.state_dict()
-    paths = {prefix: save_submodule_state(state, prefix, work) for prefix in ("backbone", "head", "projector")}
-    manifest = work / "handoff.json"
-    write_manifest(manifest, {
-        "format": MANIFEST_FORMAT, "backbone_weights": str(paths["backbone"]),
-        "backbone_weights_sha256": file_sha256(paths["backbone"]), "head_weights": str(paths["head"]),
-        "projector_weights": str(paths["projector"]), "backbone": stage1.backbone_config(),
-        "feature_dim": stage1.feature_dim, "embedding_dim": 128, "class_names": datamodule.class_names,
-        "class_counts": datamodule.class_counts, "split_sha256": datamodule.split_sha256(),
-    })
-    return manifest
+    manifest = stage1_manifest(work, stage1, stage1.state_dict(), datamodule.class_counts, datamodule.split_sha256())
+    write_manifest(work / "handoff.json", manifest)
+    return work / "handoff.json"
 
 
 def timed_epoch(manifest: Path, datamodule_args: dict, callbacks: list) -> tuple[float, float]:
@@ -85,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         reference = HAM10000DataModule(**datamodule_args)
         reference.prepare_data()
         reference.setup()
-        manifest = stage1_manifest(work, reference, args.backbone)
+        manifest = untrained_handoff(work, reference, args.backbone)
         torch.manual_seed(0)
         _, uncached = timed_epoch(manifest, datamodule_args, [])
         build, first_cached = timed_epoch(manifest, datamodule_args, [FeatureCache(str(work / "cache"))])

@@ -124,6 +124,25 @@ def load_submodule_state(module: torch.nn.Module, path: str | Path) -> None:
     module.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
 
+def stage1_manifest(folder: Path, stage1, state: dict, class_counts, split_sha256: str) -> dict[str, Any]:
+    """Save a stage-1 model's backbone, head and projector weights to ``folder`` and return the
+    manifest fields stage 2 needs (the callback adds where they came from)."""
+    paths = {prefix: save_submodule_state(state, prefix, folder) for prefix in ("backbone", "head", "projector")}
+    return {
+        "format": MANIFEST_FORMAT,
+        "backbone_weights": str(paths["backbone"]),
+        "backbone_weights_sha256": file_sha256(paths["backbone"]),
+        "backbone": stage1.backbone_config(),
+        "feature_dim": stage1.feature_dim,
+        "head_weights": str(paths["head"]),
+        "projector_weights": str(paths["projector"]),
+        "embedding_dim": stage1.hparams.embedding_dim,
+        "class_names": list(stage1.class_names),
+        "class_counts": list(class_counts),
+        "split_sha256": split_sha256,
+    }
+
+
 class StageHandoff(Callback):
     """At the end of stage 1, publish the best backbone and a manifest for stage 2.
 
@@ -150,34 +169,21 @@ class StageHandoff(Callback):
             state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
         else:  # no checkpointing (e.g. fast_dev_run): hand over the weights as they are now
             state = pl_module.state_dict()
-        weights_path = save_submodule_state(state, "backbone", run_dir)
-        head_path = save_submodule_state(state, "head", run_dir)
-        projector_path = save_submodule_state(state, "projector", run_dir)
         datamodule = trainer.datamodule
         score = getattr(checkpoint_cb, "best_model_score", None)
-        manifest = {
-            "format": MANIFEST_FORMAT,
+        manifest = stage1_manifest(run_dir, pl_module, state, datamodule.class_counts, datamodule.split_sha256())
+        manifest.update({
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "stage1_run_dir": str(run_dir),
             "checkpoint": best or None,
-            "backbone_weights": str(weights_path),
-            "backbone_weights_sha256": file_sha256(weights_path),
-            "backbone": pl_module.backbone_config(),
-            "feature_dim": pl_module.feature_dim,
-            "head_weights": str(head_path),
-            "projector_weights": str(projector_path),
-            "embedding_dim": pl_module.hparams.embedding_dim,
-            "class_names": list(pl_module.class_names),
-            "class_counts": datamodule.class_counts,
             "split_file": str(datamodule.split_file) if datamodule.split_file else None,
-            "split_sha256": datamodule.split_sha256(),
             "datamodule": type(datamodule).__name__,
             "data_dir": str(datamodule.data_dir),
             "selected_on": {
                 "monitor": getattr(checkpoint_cb, "monitor", None),
                 "value": float(score) if score is not None else None,
             },
-        }
+        })
         self.manifest_path = run_dir / "handoff.json"
         write_manifest(self.manifest_path, manifest)
         if self.experiment_manifest is not None:

@@ -22,17 +22,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_modules.heads import LinearHead, Projector
+from lightning_modules.metrics.classification import balanced_accuracy_from_confusion
 
 
 def balanced_accuracy(logits: Tensor, targets: Tensor, num_classes: int) -> float:
-    """Mean recall over the classes present in ``targets`` (sklearn's balanced accuracy)."""
-    pred = logits.argmax(1)
-    recalls = [(pred[targets == c] == c).float().mean() for c in range(num_classes) if (targets == c).any()]
-    return float(torch.stack(recalls).mean())
+    """Balanced accuracy of argmax predictions, by the metrics module's definition."""
+    pairs = targets.long() * num_classes + logits.argmax(1)
+    confusion = torch.bincount(pairs, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    return balanced_accuracy_from_confusion(confusion)
 
 
 class HeadStrategy(nn.Module):
-    trainable = True
+    trainable = True  # optimised by the head loss; otherwise fitted once by fit()
+    tunes_on_validation = False  # select_on_validation() picks a hyperparameter on val features
 
     def fit(self, features: Tensor, targets: Tensor) -> None:
         """Post-hoc strategies compute their classifier from all training features here."""
@@ -63,6 +65,7 @@ class LearnableWeightScaling(HeadStrategy):
 
 class TauNormalisedClassifier(HeadStrategy):
     trainable = False
+    tunes_on_validation = True
 
     def __init__(self, feature_dim: int, num_classes: int, stage1_head: LinearHead, tau_grid=None):
         super().__init__()

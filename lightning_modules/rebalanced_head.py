@@ -160,10 +160,10 @@ class RebalancedHeadModule(ClassifierModule):
         hp = self.hparams
         return self.make_optimizer(params, hp.optimizer, hp.lr, hp.weight_decay)
 
-    # --- validation with a strategy tuned on it (tau-norm) ---------------------------------
+    # --- validation, with strategies that tune on it (tau-norm) -----------------------------
     def validation_step(self, batch, batch_idx: int) -> None:
         inputs, targets = batch
-        if hasattr(self.strategy, "tau_grid"):
+        if self.strategy.tunes_on_validation:
             self._val_features.append(self.features(inputs))
             self._val_targets.append(targets)
         else:

@@ -42,19 +42,12 @@ def isic_copy(isic_root, tmp_path) -> Path:
 
 def make_stage1_handoff(folder: Path, class_names, counts=None, backbone: str = "test_resnet") -> Path:
     """A handoff manifest from an untrained stage-1 model (for stage-2 unit tests)."""
-    from callbacks.handoff import MANIFEST_FORMAT, file_sha256, save_submodule_state, write_manifest
+    from callbacks.handoff import stage1_manifest, write_manifest
     from lightning_modules.metric_pretrain import MetricPretrainModule
 
     stage1 = MetricPretrainModule(list(class_names), backbone=backbone, embedding_dim=16)
-    state = stage1.state_dict()
-    paths = {p: save_submodule_state(state, p, folder) for p in ("backbone", "head", "projector")}
-    write_manifest(folder / "handoff.json", {
-        "format": MANIFEST_FORMAT, "backbone_weights": str(paths["backbone"]),
-        "backbone_weights_sha256": file_sha256(paths["backbone"]), "head_weights": str(paths["head"]),
-        "projector_weights": str(paths["projector"]), "backbone": stage1.backbone_config(),
-        "feature_dim": stage1.feature_dim, "embedding_dim": 16, "class_names": list(class_names),
-        "class_counts": list(counts or [10] * len(class_names)), "split_sha256": "x",
-    })
+    counts = counts or [10] * len(class_names)
+    write_manifest(folder / "handoff.json", stage1_manifest(folder, stage1, stage1.state_dict(), counts, "x"))
     return folder / "handoff.json"
 
 

@@ -14,7 +14,6 @@ import os
 import subprocess
 import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
@@ -62,4 +61,5 @@ def test_two_process_stage1_fit_keeps_p_x_m_batches(ham_root, tmp_path):
     results = json.loads((runs[0] / "results.json").read_text())
     split_test = sum(1 for line in (tmp_path / "runs" / "ddp" / "split.csv").read_text().splitlines() if line.endswith(",test"))
     assert sum(map(sum, results["confusion_matrix"])) == split_test  # each test image counted once
-    assert Path(manifest["checkpoint"]).name.startswith("best") or manifest["checkpoint"].startswith("stage1")
+    checkpoint = (tmp_path / "runs" / "ddp" / manifest["checkpoint"]).resolve()
+    assert checkpoint.is_file() and checkpoint.parent == (runs[0] / "checkpoints").resolve()

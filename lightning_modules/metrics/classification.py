@@ -33,6 +33,17 @@ __all__ = ["CalibrationBins", "ClassificationMetrics"]
 _NAN = float("nan")
 
 
+def balanced_accuracy_from_confusion(confusion: Tensor) -> float:
+    """Mean recall over the classes present in the targets (rows = true class), as
+    sklearn's ``balanced_accuracy_score``; NaN for an empty matrix."""
+    confusion = confusion.double()
+    support = confusion.sum(dim=1)
+    present = support > 0
+    if not present.any():
+        return _NAN
+    return (confusion.diagonal()[present] / support[present]).mean().item()
+
+
 class CalibrationBins(Metric):
     """Per-bin sums for the expected calibration error (Guo et al., ICML 2017).
 
@@ -229,7 +240,7 @@ class ClassificationMetrics(torch.nn.Module):
         precision = torch.where(in_f1, tp / predicted.clamp_min(1), nan)
 
         if total > 0:
-            balanced_accuracy = recall[present].mean().item()
+            balanced_accuracy = balanced_accuracy_from_confusion(cm)
             macro_f1 = f1[in_f1].mean().item()
             accuracy = (tp.sum() / total).item()
         else:
