@@ -38,17 +38,18 @@ SAMPLER_NAMES = ("instance", *SAMPLERS)
 class ImageDataset(Dataset):
     """(image tensor, class id) pairs from file paths or from preloaded arrays."""
 
-    def __init__(self, paths: Sequence[str], targets: Sequence[int], transform, images=None):
+    def __init__(self, paths: Sequence[str], targets: Sequence[int], transform, images=None, loader=load_rgb):
         self.paths = list(paths)
         self.targets = torch.as_tensor(np.asarray(targets, dtype=np.int64))
         self.transform = transform
         self.images = images
+        self.loader = loader
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        image = self.images[i] if self.images is not None else load_rgb(self.paths[i])
+        image = self.images[i] if self.images is not None else self.loader(self.paths[i])
         return self.transform(image=image)["image"], self.targets[i]
 
 
@@ -105,6 +106,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
     """
 
     group_key = "group"  # what the ``group`` column means for this source (lesion, patient, ...)
+    load_image = staticmethod(load_rgb)  # path -> RGB uint8 array; a source may read e.g. HDF5
 
     def __init__(
         self,
@@ -150,7 +152,11 @@ class ImageClassificationDataModule(L.LightningDataModule):
         raise NotImplementedError
 
     def read_index(self) -> pd.DataFrame:
-        """Return a DataFrame with columns image_id, path, label (class name), group."""
+        """Return a DataFrame with columns image_id, path, label (class name), group.
+
+        An optional ``split`` column fixes an official split: rows marked ``test`` stay test,
+        validation is carved (grouped, stratified) from the ``train`` rows.
+        """
         raise NotImplementedError
 
     # --- shared machinery ------------------------------------------------------------------
@@ -181,7 +187,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
             table["split"] = self._new_split(table)
         self._check_every_class_in_every_split(table)
         self.table = table
-        images = preload_images(table["path"].tolist(), self.image_size) if self.preload else None
+        images = self._preload(table["path"].tolist()) if self.preload else None
         train_tf = build_transform(self.augment, self.image_size)
         eval_tf = build_transform("none", self.image_size)
         for split in SPLITS:
@@ -191,6 +197,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
                 table["target"].to_numpy()[rows],
                 train_tf if split == "train" else eval_tf,
                 [images[i] for i in rows] if images is not None else None,
+                self.load_image,
             )
 
     def _indexed_table(self) -> pd.DataFrame:
@@ -198,10 +205,17 @@ class ImageClassificationDataModule(L.LightningDataModule):
         missing_cols = [c for c in INDEX_COLUMNS if c not in table.columns]
         if missing_cols:
             raise ValueError(f"{type(self).__name__}.read_index returned no columns {missing_cols}")
-        table = table[INDEX_COLUMNS].reset_index(drop=True)
+        table = table.reset_index(drop=True)
+        fixed = table["split"].astype(str).to_numpy() if "split" in table.columns else None
+        table = table[INDEX_COLUMNS].copy()
+        if fixed is not None:
+            bad = sorted(set(fixed) - {"train", "test"})
+            if bad:
+                raise ValueError(f"{type(self).__name__}.read_index: split column values must be train/test, got {bad[:3]}")
+            table["fixed_split"] = fixed
         if table.empty:
             raise ValueError(f"no images found in {self.data_dir}")
-        missing = find_missing(table["path"].tolist())
+        missing = self.find_missing_images(table["path"].tolist())
         if missing:
             ids = table["image_id"].iloc[missing[:5]].tolist()
             raise FileNotFoundError(
@@ -213,11 +227,27 @@ class ImageClassificationDataModule(L.LightningDataModule):
         return table
 
     def _new_split(self, table: pd.DataFrame) -> np.ndarray:
-        split = grouped_stratified_split(
-            table["label"], table["group"], self.val_fraction, self.test_fraction, self.split_seed
-        )
+        if "fixed_split" in table.columns:  # official test set kept; val carved from train
+            split = table["fixed_split"].to_numpy().astype(object)
+            train = np.flatnonzero(split == "train")
+            split[train] = grouped_stratified_split(
+                table["label"].iloc[train], table["group"].iloc[train], self.val_fraction, 0.0, self.split_seed
+            )
+        else:
+            split = grouped_stratified_split(
+                table["label"], table["group"], self.val_fraction, self.test_fraction, self.split_seed
+            )
         check_groups_disjoint(table["group"], pd.Series(split), source="new split")
         return split
+
+    def find_missing_images(self, paths: Sequence[str]) -> list[int]:
+        """Positions of images that do not exist (files by default; a source may override)."""
+        return find_missing(paths)
+
+    def _preload(self, paths: Sequence[str]) -> list[np.ndarray]:
+        if self.load_image is load_rgb:
+            return preload_images(paths, self.image_size)
+        return [self.load_image(p) for p in paths]
 
     def _check_every_class_in_every_split(self, table: pd.DataFrame) -> None:
         counts = pd.crosstab(table["label"], table["split"]).reindex(
@@ -285,7 +315,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
         """
         dataset = self.datasets[split]
         if isinstance(dataset, ImageDataset):
-            dataset = ImageDataset(dataset.paths, dataset.targets, build_transform("none", self.image_size), dataset.images)
+            dataset = ImageDataset(dataset.paths, dataset.targets, build_transform("none", self.image_size), dataset.images, dataset.loader)
         world, rank = self._world() if sharded else (1, 0)
         sampler = RankShardSampler(len(dataset), world, rank)
         return DataLoader(dataset, batch_size=self.eval_batch_size, sampler=sampler, **self._loader_kwargs())

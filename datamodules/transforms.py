@@ -29,6 +29,19 @@ def dermoscopy_preset(image_size: int) -> list[A.BasicTransform]:
     ]
 
 
+def histopathology_preset(image_size: int) -> list[A.BasicTransform]:
+    """Tissue patches have no orientation (flips, 90-degree turns are exact symmetries) and vary
+    by stain batch and scanner: H&E stain jitter in the haematoxylin/eosin space (albumentations'
+    ``HEStain``, the nearest to HED jitter). No colour inversion: it does not occur in H&E."""
+    return [
+        A.RandomResizedCrop(size=(image_size, image_size), scale=(0.6, 1.0), ratio=(0.9, 1.1)),
+        A.HorizontalFlip(p=0.5),
+        A.VerticalFlip(p=0.5),
+        A.RandomRotate90(p=1.0),
+        A.HEStain(method="random_preset", intensity_scale_range=(0.8, 1.2), intensity_shift_range=(-0.1, 0.1), p=0.5),
+    ]
+
+
 def no_augmentation(image_size: int) -> list[A.BasicTransform]:
     """Resize only: used for evaluation and for feature extraction in stage 2."""
     return [A.Resize(image_size, image_size)]
@@ -36,6 +49,7 @@ def no_augmentation(image_size: int) -> list[A.BasicTransform]:
 
 PRESETS: dict[str, Callable[[int], list[A.BasicTransform]]] = {
     "dermoscopy": dermoscopy_preset,
+    "histopathology": histopathology_preset,
     "none": no_augmentation,
 }
 

@@ -168,7 +168,11 @@ class MedMetricCLI(LightningCLI):
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if best else None)
 
 
-TOOLS = {"report": "experiments.report"}  # medmetric <tool> ...: commands beside LightningCLI's
+TOOLS = {
+    "report": "experiments.report",
+    "index": "experiments.index",
+    "search": "experiments.search",
+}  # medmetric <tool> ...: commands beside LightningCLI's
 
 
 def main(args: list[str] | None = None):

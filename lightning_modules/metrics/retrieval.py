@@ -69,7 +69,7 @@ from torch.nn import functional as F
 from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
 
-__all__ = ["DISTANCES", "RetrievalMetrics", "retrieval_metrics"]
+__all__ = ["DISTANCES", "RetrievalMetrics", "merge_top_k", "retrieval_metrics", "top_k_inner_product"]
 
 DISTANCES = ("cosine", "euclidean")
 
@@ -90,6 +90,46 @@ def _top_k_indices(scores: Tensor, k: int) -> Tensor:
     values, indices = scores.topk(k, dim=1, sorted=False)
     order = np.argsort(values.neg_().numpy(), axis=1)  # ascending negated = descending
     return indices.gather(1, torch.from_numpy(order).to(torch.long))
+
+
+@torch.no_grad()
+def top_k_inner_product(
+    query: Tensor, reference: Tensor, k: int, chunk_size: int = 1024, exclude_self: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Exact ``k`` largest inner products of each query row with ``reference``: (scores, indices).
+
+    Cosine similarity when both are L2-normalised. Queries go ``chunk_size`` rows at a time, so
+    at most a ``chunk_size x len(reference)`` score block exists. ``exclude_self``: query ``i``
+    is reference ``i`` and is not its own neighbour (leave-one-out). Fewer than ``k``
+    references: ``k`` shrinks to what exists. Rows are sorted by descending score.
+    """
+    k = min(int(k), reference.shape[0] - int(exclude_self))
+    if k < 1:
+        raise ValueError("top_k_inner_product needs at least one reference (besides the query itself)")
+    scores_out, indices_out = [], []
+    for start in range(0, query.shape[0], chunk_size):
+        block = query[start : start + chunk_size] @ reference.T
+        if exclude_self:
+            rows = torch.arange(block.shape[0], device=block.device)
+            block[rows, rows + start] = -math.inf
+        values, indices = block.topk(k, dim=1, sorted=True)
+        scores_out.append(values)
+        indices_out.append(indices)
+    if not scores_out:
+        return query.new_zeros(0, k), torch.zeros(0, k, dtype=torch.long, device=query.device)
+    return torch.cat(scores_out), torch.cat(indices_out)
+
+
+def merge_top_k(scores: Tensor, indices: Tensor, new_scores: Tensor, new_indices: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Running top-k over reference chunks: the ``k`` best of two (scores, indices) lists per row.
+
+    Equal scores keep the earlier list first (the lower reference index when chunks come in order),
+    so a chunked search returns the same neighbours as one search over all references.
+    """
+    all_scores = torch.cat([scores, new_scores], dim=1)
+    all_indices = torch.cat([indices, new_indices], dim=1)
+    order = torch.argsort(all_scores, dim=1, descending=True, stable=True)[:, :k]
+    return all_scores.gather(1, order), all_indices.gather(1, order)
 
 
 def _check_k_values(k_values: Sequence[int]) -> list[int]:
