@@ -227,7 +227,7 @@ class RetrievalIndex:
             best_s = torch.full((len(q), 0), -np.inf)
             best_i = torch.zeros((len(q), 0), dtype=torch.long)
             for offset, array in self.chunk_arrays():
-                reference = torch.from_numpy(np.ascontiguousarray(array))
+                reference = torch.from_numpy(np.array(array))  # one chunk in memory
                 s, i = top_k_inner_product(q, reference, k, chunk_size=query_block)
                 best_s, best_i = merge_top_k(best_s, best_i, s, i + offset, k)
             out_scores.append(best_s.numpy())
