@@ -51,7 +51,7 @@ reproduce: setup ## paper-style comparison over SEEDS seeds + report; SMALL=1 fo
 report: setup ## markdown/CSV/figures across runs: make report RUNS='runs/exp*/stage2/*' OUT=runs/report
 	$(PY) -m experiments.report $(RUNS) --out $(OUT) $(ARGS)
 
-bench: bench-losses bench-stage2 ## every benchmark (ratios against a reference measured in the same run)
+bench: bench-losses bench-stage2 bench-retrieval ## every benchmark (ratios against a reference measured in the same run)
 
 bench-losses: setup ## metric losses: our wrappers vs pytorch-metric-learning direct, B=256/1024
 	$(PY) -m bench.metric_losses $(ARGS)
@@ -59,6 +59,13 @@ bench-losses: setup ## metric losses: our wrappers vs pytorch-metric-learning di
 bench-stage2: setup ## cRT epoch on cached vs uncached features; retrieval vs pytorch-metric-learning
 	$(PY) -m bench.stage2 $(ARGS)
 	$(PY) -m bench.retrieval $(ARGS)
+
+.PHONY: bench-retrieval demo-kimia
+bench-retrieval: setup ## search index: faiss IndexFlatIP vs exact chunked torch, 100k x 128, queries/s at k=10
+	$(PY) -m bench.retrieval --mode index $(ARGS)
+
+demo-kimia: setup ## Kimia Path24 (synthetic fallback): stage 1, retrieval metrics, medmetric index + search
+	$(PY) -m experiments.kimia_demo $(ARGS)
 
 lint: setup ## ruff check
 	$(VENV)/bin/ruff check .

@@ -20,6 +20,15 @@ either ``torch.topk`` call may order differently; the neighbour lists are otherw
 identical (see ``tests/test_retrieval.py`` for exact agreement on tie-free data).
 
     python -m bench.retrieval [--n 20000] [--classes 50] [--device cpu]
+
+``--mode index`` (``make bench-retrieval``) benchmarks the search index instead
+(``lightning_modules/retrieval_index.py``): ``--index_n`` (100,000) L2-normalised 128-d vectors
+appended to an on-disk index in chunks, then ``--queries`` (1,000) searched at k=10 by faiss
+``IndexFlatIP`` and by the exact chunked torch search, in the same run: build seconds
+(faiss: read the chunks and fill the flat index; torch: nothing to build, it reads the
+memory-mapped chunks at search time), queries per second (best of ``--rounds``), and whether
+both return the same top-k (the same neighbour sets per query; rows that differ are counted
+and are due only to equal float32 scores if the scores still agree to ``--tol``).
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ from pytorch_metric_learning.utils.inference import CustomKNN
 
 from bench.metric_losses import peak_memory_mb
 from lightning_modules.metrics import retrieval_metrics
+from lightning_modules.retrieval_index import RetrievalIndex, build_faiss_flat
 
 
 def make_data(n: int, dim: int, classes: int, imbalance: float, seed: int):
@@ -84,7 +94,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tol", type=float, default=1e-6)
     parser.add_argument("--rounds", type=int, default=2, help="timed runs of each (best is shown)")
+    parser.add_argument("--mode", choices=["metrics", "index"], default="metrics", help="metrics: ours vs PML; index: faiss vs torch search")
+    parser.add_argument("--index_n", type=int, default=100_000)
+    parser.add_argument("--queries", type=int, default=1000)
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--chunk_rows", type=int, default=65536, help="rows per index chunk on disk")
     args = parser.parse_args(argv)
+    if args.mode == "index":
+        return index_benchmark(args)
 
     device = torch.device(args.device)
     embeddings, labels = make_data(args.n, args.dim, args.classes, args.imbalance, args.seed)
@@ -150,6 +167,53 @@ def main(argv: list[str] | None = None) -> int:
         ok = False
     print("values agree" if ok else f"VALUES DIFFER (tolerance {args.tol})")
     return 0 if ok else 1
+
+
+def index_benchmark(args) -> int:
+    """faiss IndexFlatIP vs exact chunked torch search over the same on-disk index."""
+    import tempfile
+
+    import numpy as np
+
+    vectors, _ = make_data(args.index_n + args.queries, args.dim, args.classes, args.imbalance, args.seed)
+    vectors = torch.nn.functional.normalize(vectors, dim=1).numpy()
+    reference, queries = vectors[: args.index_n], vectors[args.index_n :]
+    print(f"index: N={args.index_n} x dim={args.dim} float32 (L2-normalised), {args.queries} queries, k={args.k}, "
+          f"chunks of {args.chunk_rows} rows, torch threads={torch.get_num_threads()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        index = RetrievalIndex.create(tmp, "bench", args.dim, {"source": "bench"})
+        start = time.perf_counter()
+        paths = [f"/bench/{i}" for i in range(args.index_n)]
+        index.append((reference[i : i + 4096] for i in range(0, args.index_n, 4096)), paths, ["x"] * args.index_n, args.chunk_rows)
+        append_s = time.perf_counter() - start
+        start = time.perf_counter()
+        flat = build_faiss_flat(array for _, array in index.chunk_arrays())
+        faiss_build_s = time.perf_counter() - start
+        index._faiss = flat  # the index searches this one (built above, timed as the build)
+
+        def run(backend):
+            best, result = float("inf"), None
+            for _ in range(args.rounds):
+                start = time.perf_counter()
+                result = index.search(queries, args.k, backend=backend)
+                best = min(best, time.perf_counter() - start)
+            return result, best
+
+        (f_scores, f_idx), faiss_s = run("faiss")
+        (t_scores, t_idx), torch_s = run("torch")
+    same_rows = np.array([set(a) == set(b) for a, b in zip(f_idx, t_idx, strict=True)])
+    score_diff = float(np.abs(np.sort(f_scores, 1) - np.sort(t_scores, 1)).max())
+    print(f"append to the on-disk index (shared by both): {append_s:.2f} s")
+    print(f"{'backend':28s} {'build s':>8s} {'search s':>9s} {'queries/s':>10s}   (search: best of {args.rounds})")
+    print(f"{'faiss IndexFlatIP':28s} {faiss_build_s:8.2f} {faiss_s:9.3f} {args.queries / faiss_s:10.0f}")
+    print(f"{'torch exact, chunked':28s} {0.0:8.2f} {torch_s:9.3f} {args.queries / torch_s:10.0f}")
+    print(f"{'torch / faiss time':28s} {'':8s} {torch_s / faiss_s:8.2f}x")
+    same = bool(same_rows.all())
+    print(f"same top-{args.k}: {'yes' if same else 'no'} ({int(same_rows.sum())}/{len(same_rows)} queries identical; "
+          f"max |score diff| {score_diff:.1e})")
+    if not same and score_diff <= args.tol:
+        print("rows that differ do so only among equal-score neighbours (scores agree)")
+    return 0 if same or score_diff <= args.tol else 1
 
 
 if __name__ == "__main__":
