@@ -11,7 +11,8 @@ Layouts read (what is not known offline is an assumption, stated here):
   1000 x 1000 px RGB in the release; any size is accepted (they are resized to ``image_size``).
 * **HDF5** (``<data_dir>`` is a ``.h5``/``.hdf5`` file, or a folder holding exactly one):
   ``/scan<k>/data`` the whole scan ``k`` as (H, W, 3) uint8 (or (H, W) grey),
-  ``/test_data/patches`` (N, h, w, 3) uint8 and ``/test_data/targets`` (N,) integer scan ids.
+  ``/test_data/patches`` (N, h, w, 3) uint8 and ``/test_data/targets`` (N,) integer scan ids
+  0..23 (0-based, as the scan group names; an id outside 0..23 is reported, not guessed).
   Nothing is decoded up front: each sample is an h5py slice read when the loader asks for it.
   Training patches are cut from the scans on a grid of ``patch_size`` px squares every
   ``stride`` px (defaults 1000 and 1000, the release's patch size, no overlap); a square whose

@@ -84,6 +84,8 @@ class RetrievalIndex:
         folder = Path(folder)
         if (folder / "manifest.json").exists():
             raise RetrievalIndexError(f"{folder} already holds an index; open it to append")
+        if folder.is_dir() and any(folder.iterdir()):
+            raise RetrievalIndexError(f"{folder} exists, is not empty and holds no index; choose a new --out folder")
         manifest = {
             "format": INDEX_FORMAT, "fingerprint": fingerprint, "model": model, "dim": int(dim),
             "count": 0, "metric": "inner product of L2-normalised embeddings (cosine)", "chunks": [],

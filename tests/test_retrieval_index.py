@@ -97,6 +97,10 @@ def test_index_build_append_search_round_trip(tmp_path):
     assert again.search(queries, 500, backend="torch")[1].shape == (9, 83)  # k capped at the count
     with pytest.raises(RetrievalIndexError, match="dim 16"):
         again.search(_unit(2, 8, 0), 3)
+    (tmp_path / "user").mkdir()
+    (tmp_path / "user" / "notes.txt").write_text("mine")
+    with pytest.raises(RetrievalIndexError, match="not empty and holds no index"):
+        RetrievalIndex.create(tmp_path / "user", "fp", 16, {})
 
 
 def test_a_crash_mid_append_leaves_the_old_index_usable(tmp_path):
