@@ -237,11 +237,16 @@ class KimiaPath24DataModule(HistopathologyDataModule):
     def class_names(self) -> list[str]:
         return list(KIMIA_CLASSES)
 
-    def read_index(self) -> pd.DataFrame:
+    @cached_property
+    def _index(self) -> pd.DataFrame:
+        """Built once per process: cutting HDF5 scans reads every grid square (subsampled)."""
         h5 = find_hdf5(self.data_dir)
         if h5 is not None:
             return read_kimia_hdf5(h5, self.patch_size, self.stride, self.max_background, self.group_block)
         return read_kimia_rgb(self.data_dir)
+
+    def read_index(self) -> pd.DataFrame:
+        return self._index.copy()
 
 
 class PatchFolderDataModule(HistopathologyDataModule):
