@@ -20,7 +20,7 @@ Layouts read (what is not known offline is an assumption, stated here):
   drops the regions the test patches were cut from (whitened in the release).
 
 Groups: every Kimia class is a single scan, so a split by scan is impossible. RGB training
-patches are their own groups (``group_key = "patch"``); patches cut from an HDF5 scan are
+patches are their own groups (``group_key = "patch group"``); patches cut from an HDF5 scan are
 grouped by ``group_block`` x ``group_block`` blocks of the grid, so overlapping neighbours
 (``stride < patch_size``) stay in one split except along block borders.
 """
@@ -214,7 +214,7 @@ class KimiaPath24DataModule(HistopathologyDataModule):
         Other arguments: :class:`ImageClassificationDataModule` (``test_fraction`` is unused).
     """
 
-    group_key = "patch"
+    group_key = "patch group"
 
     def __init__(
         self,
