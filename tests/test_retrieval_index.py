@@ -222,3 +222,51 @@ def test_open_set_classes_only_in_the_index_are_retrieved_and_voted(tmp_path):
     top1 = np.mean([q["neighbours"][0]["label"] == q["true_label"] for q in queries])
     assert voted >= 0.8 and top1 >= 0.8, (voted, top1)
     assert results["summary"]["eta_p"] == pytest.approx(voted)
+
+
+def test_csv_sources_with_hdf5_patches_and_retrieval_eval(tmp_path):
+    """Index and query CSVs listing HDF5 patch references; retrieval_eval's values against a loop."""
+    from datamodules.synthetic_histopathology import write_kimia_hdf5
+    from experiments import retrieval_eval
+
+    h5 = write_kimia_hdf5(tmp_path / "k.h5", scan_patches=(2, 2), n_test=1, patch_size=16, n_classes=3)
+    refs = pd.DataFrame({"path": [f"{h5}::test_data/patches[{i}]" for i in range(3)], "label": ["s0", "s1", "s2"]})
+    refs.to_csv(tmp_path / "refs.csv", index=False)
+    refs[["path"]].iloc[[1]].to_csv(tmp_path / "query.csv", index=False)  # unlabelled query
+    model = _handoff(tmp_path / "m", ["s0", "s1"])
+    with pytest.raises(SystemExit):
+        _index_cli(model, [tmp_path / "refs.csv"], tmp_path / "idx")
+    with pytest.raises(SystemExit):
+        main(["search", "--index", str(tmp_path / "idx"), "--query", str(tmp_path / "query.csv"), "--k", "1",
+              "--out", str(tmp_path / "s"), "--quiet"])
+    result = json.loads((tmp_path / "s" / "results.json").read_text())
+    assert result["summary"] is None and result["queries"][0]["true_label"] is None
+    assert result["queries"][0]["neighbours"][0]["path"] == refs["path"][1]
+
+    # retrieval_eval on class folders: leave-one-out and test-vs-train values against a loop
+    write_patch_folders(tmp_path / "test", ["a", "b"], per_class=5, patch_size=24, seed=3)
+    write_patch_folders(tmp_path / "train", ["a", "b"], per_class=6, patch_size=24, seed=4)
+    assert retrieval_eval.main(["--model", str(model), "--image_size", "32", "--test", str(tmp_path / "test"),
+                                "--train", str(tmp_path / "train"), "--quiet", "--out", str(tmp_path / "r.json")]) == 0
+    got = json.loads((tmp_path / "r.json").read_text())
+    embedder = load_embedder(model, image_size=32)
+    from lightning_modules.embedder import embed_paths
+
+    def embedded(folder):
+        paths = sorted(str(p) for p in Path(folder).glob("*/*.png"))
+        return np.concatenate(list(embed_paths(embedder, paths, progress=False))), [Path(p).parent.name for p in paths]
+
+    test_emb, test_y = embedded(tmp_path / "test")
+    train_emb, train_y = embedded(tmp_path / "train")
+    loo_hits, vs_hits = [], []
+    for q in range(len(test_y)):
+        sims = test_emb @ test_emb[q]
+        sims[q] = -np.inf
+        loo_hits.append(test_y[int(np.argmax(sims))] == test_y[q])
+        vs_hits.append(train_y[int(np.argmax(train_emb @ test_emb[q]))] == test_y[q])
+    assert got["precision_at_1"] == pytest.approx(np.mean(loo_hits))
+    assert got["loo_eta_p"] == pytest.approx(np.mean(loo_hits))
+    assert got["vs_train_eta_p"] == pytest.approx(np.mean(vs_hits))
+    per_class = [np.mean([h for h, y in zip(vs_hits, test_y, strict=True) if y == c]) for c in ("a", "b")]
+    assert got["vs_train_eta_W"] == pytest.approx(np.mean(per_class))
+    assert got["recall_at_10"] == 1.0  # 9 other test images, both classes among them
