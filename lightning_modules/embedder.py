@@ -158,7 +158,10 @@ def load_embedder(model: str | Path, embedding: str = "projector", image_size: i
              json.dumps(config, sort_keys=True), embedding, str(image_size), EVAL_TRANSFORM]
     fingerprint = hashlib.sha256("\n".join(parts).encode()).hexdigest()
     dim = int(embedding_dim) if projector is not None else int(feature_dim)
-    return Embedder(net, int(image_size), embedding, dim, fingerprint, str(path.resolve()), config)
+    # runs/<experiment>/handoff.json is "the latest stage 1" and moves on; record the run's own copy
+    own = run_dir / "handoff.json" if run_dir is not None and loader is _from_manifest else None
+    source = own if own is not None and own.is_file() else path
+    return Embedder(net, int(image_size), embedding, dim, fingerprint, str(source.resolve()), config)
 
 
 class _PathDataset(Dataset):
