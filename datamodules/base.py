@@ -257,6 +257,14 @@ class ImageClassificationDataModule(L.LightningDataModule):
         return split
 
     def _check_every_class_in_every_split(self, table: pd.DataFrame) -> None:
+        sizes = table["split"].value_counts()
+        empty_splits = [s for s in SPLITS if sizes.get(s, 0) == 0]
+        if empty_splits:
+            raise ValueError(
+                f"split {empty_splits[0]!r} of {self.data_dir} is empty ({ {s: int(sizes.get(s, 0)) for s in SPLITS} }): "
+                "every run needs train images, val images (model selection) and test images (the score). "
+                "Set data.val_fraction and data.test_fraction > 0, or fix the split file (delete it to make a new one)"
+            )
         counts = pd.crosstab(table["label"], table["split"]).reindex(
             index=self.class_names, columns=list(SPLITS), fill_value=0
         )
@@ -265,7 +273,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
             where = ", ".join(f"{c!r} in {s}" for c, s in empty[:6])
             totals = counts.sum(axis=1)
             raise ValueError(
-                f"a class has no images in a split: {where} (class totals: "
+                f"a class has no images in a split of {self.split_file or self.data_dir}: {where} (class totals: "
                 f"{ {c: int(totals[c]) for c, _ in empty[:6]} }, {self.group_key}s are kept whole). "
                 "Add images of that class, lower data.val_fraction/data.test_fraction, or change "
                 "data.split_seed (delete the split file first if one was saved)"
