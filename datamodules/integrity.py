@@ -34,6 +34,7 @@ import pandas as pd
 log = logging.getLogger(__name__)
 
 FINGERPRINT_VERSION = "medmetric-fingerprint/1"
+SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
 
 
 class GroupLeakError(ValueError):
@@ -59,8 +60,7 @@ def find_group_leaks(groups: Sequence, split: Sequence, image_ids: Sequence | No
     leaks = []
     for group in spans.index[spans > 1]:
         rows = frame[frame["group"] == group]
-        order = {s: i for i, s in enumerate(("train", "val", "test"))}
-        splits = tuple(sorted(rows["split"].unique(), key=lambda s: order.get(s, 9)))
+        splits = tuple(sorted(rows["split"].unique(), key=lambda s: (SPLIT_ORDER.get(s, 9), s)))
         leaks.append(GroupLeak(str(group), splits, tuple(str(i) for i in rows["image_id"])))
     return leaks
 
@@ -119,7 +119,7 @@ def duplicate_groups(image_ids: Sequence, hashes: Sequence, split: Sequence | No
     frame = frame.dropna(subset=["hash"])
     found = []
     for _, rows in frame[frame["hash"].duplicated(keep=False)].groupby("hash", sort=False):
-        splits = sorted(set(rows["split"]))
+        splits = sorted(set(rows["split"]), key=lambda s: (SPLIT_ORDER.get(s, 9), s))
         found.append({"image_ids": rows["image_id"].astype(str).tolist(), "splits": splits, "cross_split": len(splits) > 1})
     return found
 
