@@ -42,12 +42,15 @@ class FiniteLossGuard(Callback):
         self.batch_idx = batch_idx
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
-        if torch.isfinite(loss.detach()).all():
+        finite = bool(torch.isfinite(loss.detach()).all())
+        # every rank decides together, so under DDP no rank waits forever on one that stopped
+        if trainer.strategy.reduce_boolean_decision(finite, all=True):
             return
         ids = batch_image_ids(trainer, self.batch_idx)
         images = f", images {ids}" if ids else ""
+        value = loss.detach().float().cpu().flatten()[0].item()
         raise NonFiniteLossError(
-            f"training loss is {loss.detach().float().cpu().flatten()[0].item()} at epoch {trainer.current_epoch}, "
+            f"training loss is {value} (rank {trainer.global_rank}) at epoch {trainer.current_epoch}, "
             f"global step {trainer.global_step}, batch {self.batch_idx}{images}; training stopped before "
             "this step changed the weights, the last checkpoint is the last good one "
             f"({Path(trainer.default_root_dir) / 'checkpoints'}). Lower model.lr, check those images, or "

@@ -359,7 +359,7 @@ def test_non_finite_loss_stops_naming_step_batch_and_images_and_keeps_last_good_
     with pytest.raises(NonFiniteLossError) as err:
         trainer.fit(model, datamodule=dm)
     message = str(record("non-finite loss", err.value))
-    assert "training loss is nan at epoch 1, global step 4, batch 1" in message
+    assert "training loss is nan (rank 0) at epoch 1, global step 4, batch 1" in message
     ids = re.search(r"images \[(.*?)\]", message).group(1).replace("'", "").split(", ")
     labels = meta(ham_root).set_index("image_id").loc[ids, "dx"].map(HAM_CLASSES.index).tolist()
     assert labels == model.targets_at_step[4]  # the ids named are the images of the bad batch

@@ -169,6 +169,16 @@ def test_skip_policy_counts_and_logs_unreadable_images_across_workers(ham_copy, 
         list(strict.val_dataloader())
 
 
+def test_skip_policy_with_preload_skips_at_fetch_time(ham_copy):
+    paths = set_up(ham_copy).datasets["test"].paths
+    Path(paths[0]).write_bytes(b"not an image")
+    with pytest.raises(ImageReadError, match=re.escape(paths[0])):
+        set_up(ham_copy, preload=True)  # default policy: the preload stops, naming the file
+    dm = set_up(ham_copy, preload=True, bad_image_policy="skip")
+    assert sum(len(targets) for _, targets in dm.test_dataloader()) == len(paths) - 1
+    assert dm.skipped.paths == [paths[0]]
+
+
 # ============================================================================ killed while writing
 
 def _write_and_die(where: str, target: str, ckpt: Path, manifest: Path) -> None:
