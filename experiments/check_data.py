@@ -37,7 +37,7 @@ from datamodules.integrity import (
     duplicate_groups,
     find_group_leaks,
 )
-from datamodules.splits import SPLITS, grouped_stratified_split, read_split_csv, write_split_csv
+from datamodules.splits import SPLITS, read_split_csv, write_split_csv
 from experiments.safe_config import check_class_paths
 
 
@@ -139,8 +139,12 @@ def assign_split(dm: ImageClassificationDataModule, table: pd.DataFrame, report:
         if {"image_id", "split"} <= set(saved.columns):
             return table["image_id"].map(saved.drop_duplicates("image_id").set_index("image_id")["split"]).fillna("(none)").to_numpy()
         return np.full(len(table), "(none)", dtype=object)
-    split = grouped_stratified_split(table["label"], table["group"], dm.val_fraction, dm.test_fraction, dm.split_seed)
-    report.add(f"split: new grouped split (val_fraction={dm.val_fraction}, test_fraction={dm.test_fraction}, "
+    try:
+        split = dm._new_split(table)  # the DataModule's own split (a source may override it)
+    except ValueError as err:
+        report.error(str(err))
+        return np.full(len(table), "(none)", dtype=object)
+    report.add(f"split: new split (val_fraction={dm.val_fraction}, test_fraction={dm.test_fraction}, "
                f"split_seed={dm.split_seed}; not saved{'' if dm.split_file is None else ', see --write_split'})")
     return split
 

@@ -35,7 +35,7 @@ from callbacks.finite_loss import FiniteLossGuard  # noqa: E402
 from callbacks.handoff import StageHandoff, read_manifest  # noqa: E402
 from callbacks.results import ResultsWriter  # noqa: E402
 from callbacks.selection_guard import ValidationOnlySelection  # noqa: E402
-from experiments.safe_config import ALLOW_ENV, check_class_paths  # noqa: E402
+from experiments.safe_config import ALLOW_ENV, check_class_paths, prescan_args  # noqa: E402
 from experiments.wandb_mode import WANDB_MODES, wandb_offline  # noqa: E402
 from lightning_modules.classifier_base import MONITOR  # noqa: E402
 
@@ -203,6 +203,7 @@ def main(args: list[str] | None = None):
         return sys.exit(importlib.import_module(TOOLS[args[0]]).main(args[1:]))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     _CURRENT_RUN["dir"] = None
+    prescan_args(args)  # untrusted class paths are refused before jsonargparse imports them
     try:
         return MedMetricCLI(args=args)
     except BaseException as error:  # SystemExit of a bad flag too: it may come after the folder exists

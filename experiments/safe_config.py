@@ -7,16 +7,21 @@ medmetric's own packages or in torch, timm, lightning, torchmetrics or pytorch_m
 More packages are allowed explicitly with ``--allow_class_paths=pkg,pkg2`` or the environment
 variable ``MEDMETRIC_ALLOW_CLASS_PATHS=pkg,pkg2``.
 
-jsonargparse imports a named class's module while it parses (to read its arguments); this check
-runs right after parsing, before anything is constructed.
+jsonargparse imports a named class's module while it parses (to read its arguments), so the
+raw command line (config files, class flags) is pre-scanned before parsing
+(:func:`prescan_args`), and the parsed config is checked again before anything is constructed.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
-MEDMETRIC_PACKAGES = ("lightning_modules", "datamodules", "callbacks", "experiments", "bench")
+import yaml
+
+MEDMETRIC_PACKAGES = ("lightning_modules", "datamodules", "callbacks", "experiments", "bench", "tests")  # this repo
 TRUSTED_PACKAGES = ("torch", "timm", "lightning", "torchmetrics", "pytorch_metric_learning")
 ALLOW_ENV = "MEDMETRIC_ALLOW_CLASS_PATHS"
 
@@ -60,3 +65,41 @@ def check_class_paths(config, extra_allowed: str | Iterable[str] | None = None) 
                 f"If you trust it, allow its package with --allow_class_paths={package} or "
                 f"{ALLOW_ENV}={package}"
             )
+
+
+DOTTED = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_]\w*)+$")
+CLASS_KEYS = ("model", "data", "trainer.callbacks", "trainer.logger", "trainer.plugins", "optimizer", "lr_scheduler")
+
+
+def _flag_class_paths(key: str, value: str) -> Iterator[tuple[str, str]]:
+    if value[:1] in "{[":
+        try:
+            yield from class_paths(yaml.safe_load(value), key)
+        except yaml.YAMLError:
+            return
+    elif DOTTED.match(value) and (key.endswith(("class_path", "+")) or key in CLASS_KEYS):
+        yield key, value
+
+
+def prescan_args(args: list[str]) -> None:
+    """Check the class paths visible in the raw command line -- config files and class flags --
+    before jsonargparse imports anything (it imports a named class's module while parsing).
+    :func:`check_class_paths` on the parsed config then catches whatever this pre-scan misses."""
+    found: list[tuple[str, str]] = []
+    extra: list[str] = []
+    for i, arg in enumerate(args):
+        if not arg.startswith("--"):
+            continue
+        key, has_value, value = arg[2:].partition("=")
+        if not has_value:
+            value = args[i + 1] if i + 1 < len(args) and not args[i + 1].startswith("--") else ""
+        if key == "allow_class_paths":
+            extra.append(value)
+        elif key == "config" and value and Path(value).is_file():
+            try:
+                found += list(class_paths(yaml.safe_load(Path(value).read_text()) or {}, f"{value}:"))
+            except yaml.YAMLError:
+                continue  # LightningCLI reports the syntax error
+        elif value:
+            found += list(_flag_class_paths(key, value))
+    check_class_paths({key: {"class_path": path} for key, path in found}, ",".join(extra))

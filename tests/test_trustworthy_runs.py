@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -20,7 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.demos.boring_classes import BoringModel
 
 from callbacks.atomic_checkpoint import AtomicCheckpointIO, load_checkpoint_safely
@@ -277,10 +278,6 @@ def test_config_class_paths_must_come_from_trusted_packages(monkeypatch):
     check_class_paths(config)
 
 
-class UntrustedCallback(Callback):
-    """A real Callback, but from a package a config may not name (tests)."""
-
-
 def _cli(args: list[str]):
     from experiments.cli import main
 
@@ -288,12 +285,24 @@ def _cli(args: list[str]):
 
 
 def test_cli_refuses_an_untrusted_class_path_before_making_a_run_folder(ham_root, tmp_path, monkeypatch):
+    """A real Callback subclass, importable, but from a package outside the allow-list."""
+    package = tmp_path / "site" / "shady_pkg"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "hooks.py").write_text("from lightning.pytorch.callbacks import Callback\n\nclass Exfiltrate(Callback):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
     monkeypatch.delenv(ALLOW_ENV, raising=False)
     runs = tmp_path / "runs"
     args = ["fit", "--config", str(REPO / "experiments/ham10000/stage1.yaml"), f"--runs_dir={runs}",
-            f"--data.data_dir={ham_root}", "--trainer.callbacks+=tests.test_trustworthy_runs.UntrustedCallback"]
-    with pytest.raises(UntrustedClassPathError, match=r"--allow_class_paths=tests"):
+            f"--data.data_dir={ham_root}", "--trainer.callbacks+=shady_pkg.hooks.Exfiltrate"]
+    with pytest.raises(UntrustedClassPathError, match=r"--allow_class_paths=shady_pkg or MEDMETRIC_ALLOW_CLASS_PATHS"):
         _cli(args)
+    assert not runs.exists() and "shady_pkg.hooks" not in sys.modules  # refused before it was imported
+    from experiments.cli import MedMetricCLI
+
+    # without main()'s pre-scan, the check of the parsed config still refuses it before instantiation
+    with pytest.raises(UntrustedClassPathError, match=r"trainer.callbacks\[0\].class_path names 'shady_pkg"):
+        MedMetricCLI(args=args)
     assert not runs.exists()
 
 
