@@ -325,6 +325,25 @@ def test_file_that_is_not_a_checkpoint(tmp_path, kind):
         load_backbone_weights(model, path)  # model.pretrained_path says the same
 
 
+@pytest.mark.parametrize("key, other", [("class_names", HAM_CLASSES[:-1] + ["other"]), ("backbone", "resnet10t")])
+def test_lightning_checkpoint_of_another_model_is_refused_before_loading(ham_root, tmp_path, key, other):
+    saved_kwargs = {"class_names": HAM_CLASSES, "backbone": "test_resnet", "embedding_dim": 16, key: other}
+    saver = L.Trainer(logger=False, max_epochs=0, enable_progress_bar=False, plugins=[AtomicCheckpointIO()])
+    saver.strategy.connect(MetricPretrainModule(**saved_kwargs))
+    saver.save_checkpoint(tmp_path / "other.ckpt")
+    model = MetricPretrainModule(HAM_CLASSES, backbone="test_resnet", embedding_dim=16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, plugins=[AtomicCheckpointIO()], limit_test_batches=1,
+                        default_root_dir=tmp_path)
+    with pytest.raises(ValueError) as err:
+        trainer.test(model, datamodule=ham(ham_root), ckpt_path=tmp_path / "other.ckpt")  # --ckpt_path
+    message = str(record(f"Lightning checkpoint (--ckpt_path) of another {key}", err.value))
+    assert f"checkpoint {tmp_path / 'other.ckpt'} was saved from a MetricPretrainModule with {key}={other!r}" in message
+    assert f"model.{key}" in message and "leave out --ckpt_path" in message
+    for name, value in model.state_dict().items():  # nothing was loaded
+        torch.testing.assert_close(value, before[name])
+
+
 # ============================================================================ training faults
 
 
