@@ -6,7 +6,7 @@ fsync'ed so the rename itself survives a power cut. So:
 
 * killed (SIGKILL, OOM, power) at any point: the target is either the old complete file or
   the new complete file, never a mix; at worst a ``.<name>.tmp-<pid>`` file is left behind,
-  whose name no loader reads;
+  whose name no loader reads, and the next write of that file deletes it;
 * disk full (``ENOSPC``) or any other write error: the temporary file is removed, the old
   target is untouched, and the error says which file could not be written and why.
 
@@ -45,10 +45,25 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete ``.<name>.tmp-<pid>`` files left by a killed writer (its pid no longer runs)."""
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            stale.unlink(missing_ok=True)
+        except PermissionError:
+            pass  # another user's live process
+
+
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any], what: str = "file") -> Path:
     """Write ``path`` by calling ``write(handle)`` on a temporary file, then rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as handle:

@@ -219,6 +219,9 @@ def test_killed_while_writing_leaves_the_previous_file_loadable(tmp_path, where,
     assert read_manifest(manifest)["class_counts"] == [5, 7]
     leftovers = [p.name for p in tmp_path.rglob(".*.tmp-*")]
     assert len(leftovers) <= 1 and all(not name.endswith((".ckpt", ".json")) for name in leftovers)
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.full((64,), 3.0)}}, ckpt)
+    write_manifest(manifest, read_manifest(manifest))
+    assert not list(tmp_path.rglob(".*.tmp-*"))  # the next write cleans up after the dead writer
 
 
 # ============================================================================ safe loading
