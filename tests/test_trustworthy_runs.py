@@ -359,3 +359,39 @@ def test_check_data_on_real_ham10000(capsys):
     meta = pd.read_csv(root / HAM_META)
     assert f"images: {len(meta)}   classes: 7" in out and "lesion groups spanning splits: 0" in out
     assert "unreadable files: 0" in out and "errors: none" in out
+
+
+def test_check_data_reports_a_leaking_split_file_and_cross_split_duplicates(ham_copy, tmp_path, capsys):
+    table = set_up(ham_copy).table.copy()
+    sizes = table.groupby("group").size()
+    lesion = sizes.index[sizes >= 2][0]
+    rows = np.flatnonzero(table["group"].to_numpy() == lesion)
+    table.loc[rows[0], "split"], table.loc[rows[1], "split"] = "val", "test"
+    split_file = tmp_path / "split.csv"
+    write_split_csv(split_file, table)
+    before = split_file.read_bytes()
+    a, b = table[table["split"] == "train"].iloc[0], table[table["split"] == "test"].iloc[1]
+    shutil.copyfile(a["path"], b["path"])
+    code = check_data.main(["--data", "ham10000", "--data_dir", str(ham_copy), "--split_file", str(split_file)])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert f"lesion groups spanning splits: 1\n  lesion '{lesion}' in val+test" in out
+    assert f"ERROR split file {split_file}: 1 lesions appear in more than one split" in out
+    assert "1 sets across splits" in out and f"'{a['image_id']}'" in out and f"'{b['image_id']}'" in out
+    assert split_file.read_bytes() == before  # check-data never writes the user's split
+
+
+def test_a_second_test_of_a_run_is_recorded_apart(tmp_path):
+    from types import SimpleNamespace
+
+    from callbacks.results import ResultsWriter
+
+    module = SimpleNamespace(test_results={"balanced_accuracy": 0.5}, class_names=["a", "b"], test_confusion=[[1, 0], [0, 1]])
+    trainer = SimpleNamespace(default_root_dir=str(tmp_path), ckpt_path="best.ckpt", datamodule=None)
+    writer = ResultsWriter(experiment="x", stage="stage1")
+    writer.on_test_end(trainer, module)
+    module.test_results = {"balanced_accuracy": 0.9}
+    writer.on_test_end(trainer, module)
+    first, second = (json.loads((tmp_path / name).read_text()) for name in ("results.json", "results.1.json"))
+    assert (first["retest"], first["metrics"]["balanced_accuracy"]) == (False, 0.5)  # the run's result is kept
+    assert (second["retest"], second["metrics"]["balanced_accuracy"]) == (True, 0.9)
