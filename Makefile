@@ -19,7 +19,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export PYTHONUNBUFFERED := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test demo train-stage1 train-stage2 reproduce report lint bench bench-losses bench-stage2 clean-venv
+.PHONY: help setup test demo check-data train-stage1 train-stage2 reproduce report lint bench bench-losses bench-stage2 clean-venv
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-14s %s\n", $$1, $$2}'
@@ -38,6 +38,9 @@ test: setup ## run the test suite (CPU, tiny data; real-data tests use ../shared
 
 demo: setup ## CE vs CE->cRT vs CE+SupCon->cRT on HAM10000 (synthetic fallback), one table
 	$(PY) -m experiments.demo $(ARGS)
+
+check-data: setup ## every data check, no training: make check-data DATA=ham10000 DATA_DIR=...
+	$(PY) -m experiments check-data --data $(DATA) --data_dir $(DATA_DIR) $(ARGS)
 
 train-stage1: setup ## stage 1: make train-stage1 DATA=ham10000 DATA_DIR=... ARGS="--model.lr=0.01"
 	$(PY) -m experiments fit --config experiments/$(DATA)/stage1.yaml --data.data_dir=$(DATA_DIR) --experiment=$(EXPERIMENT) $(ARGS)

@@ -21,6 +21,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 
+from callbacks.atomic_checkpoint import atomic_write, load_checkpoint_safely
+
 MANIFEST_FORMAT = "medmetric-handoff/1"
 PATH_KEYS = ("checkpoint", "backbone_weights", "head_weights", "projector_weights", "split_file", "stage1_run_dir")
 
@@ -38,11 +40,10 @@ def file_sha256(path: str | Path) -> str:
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write to a temporary file and rename: a crash never leaves a half-written JSON."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, default=float) + "\n")
-    os.replace(tmp, path)
+    """Write to a temporary file, fsync and rename: a crash or a full disk never leaves a
+    half-written JSON, and the previous version stays intact (callbacks/atomic_checkpoint.py)."""
+    text = (json.dumps(payload, indent=2, default=float) + "\n").encode()
+    atomic_write(path, lambda handle: handle.write(text), what=f"JSON file ({path.name})")
 
 
 def write_manifest(path: Path, manifest: dict[str, Any]) -> None:
@@ -88,8 +89,10 @@ def check_manifest(
     class_names: list[str] | None = None,
     backbone: str | None = None,
     split_sha256: str | None = None,
+    fingerprint: str | None = None,
+    allow_fingerprint_mismatch: bool = False,
 ) -> None:
-    """Refuse to continue from a stage 1 trained on other classes, another backbone or split."""
+    """Refuse to continue from a stage 1 trained on other classes, another backbone, split or data."""
     where = manifest.get("path", "handoff manifest")
     if class_names is not None and list(class_names) != list(manifest["class_names"]):
         raise HandoffError(
@@ -107,21 +110,25 @@ def check_manifest(
             "train or test on images stage 1 saw in another split. Use --data.split_file="
             f"{manifest['split_file']}"
         )
+    stored = manifest.get("dataset_fingerprint")
+    if fingerprint is not None and stored is not None and fingerprint != stored and not allow_fingerprint_mismatch:
+        raise HandoffError(
+            f"{where}: the data set changed since stage 1 (dataset fingerprint {stored[:12]} in the manifest, "
+            f"{fingerprint[:12]} now: files added/removed/resized, labels or groups edited, data at "
+            f"{manifest.get('data_dir')}). Re-run stage 1 on this data, or pass "
+            "--model.allow_fingerprint_mismatch=true to accept it knowingly"
+        )
 
 
 def save_submodule_state(state: dict, prefix: str, run_dir: Path) -> Path:
     """Save the ``<prefix>.*`` entries of a module state dict alone, as ``<run>/<prefix>.pt``."""
     sub = {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
-    path = run_dir / f"{prefix}.pt"
-    tmp = path.with_name(f".{prefix}.pt.tmp")
-    torch.save(sub, tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(run_dir / f"{prefix}.pt", lambda handle: torch.save(sub, handle), what=f"{prefix} weights")
 
 
 def load_submodule_state(module: torch.nn.Module, path: str | Path) -> None:
     """Load weights saved by :func:`save_submodule_state`, safely (weights_only)."""
-    module.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    module.load_state_dict(load_checkpoint_safely(path, what="handoff weights"))
 
 
 def stage1_manifest(folder: Path, stage1, state: dict, class_counts, split_sha256: str) -> dict[str, Any]:
@@ -178,6 +185,7 @@ class StageHandoff(Callback):
             "checkpoint": best or None,
             "split_file": str(datamodule.split_file) if datamodule.split_file else None,
             "datamodule": type(datamodule).__name__,
+            "dataset_fingerprint": datamodule.fingerprint() if hasattr(datamodule, "fingerprint") else None,
             "data_dir": str(datamodule.data_dir),
             "selected_on": {
                 "monitor": getattr(checkpoint_cb, "monitor", None),

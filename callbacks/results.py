@@ -50,8 +50,12 @@ class ResultsWriter(Callback):
             "train_class_counts": getattr(datamodule, "class_counts", None),
             "metrics": results,
             "confusion_matrix": getattr(pl_module, "test_confusion", None),
+            "dataset_fingerprint": datamodule.fingerprint() if hasattr(datamodule, "fingerprint") else None,
+            "skipped_images": getattr(datamodule, "skipped_images", 0),
         }
         self.path = next_free(Path(trainer.default_root_dir) / "results.json")
+        # test once per run: a re-test is kept apart (results.<n>.json), the report reads results.json only
+        payload["retest"] = self.path.name != "results.json"
         write_json_atomic(self.path, payload)
         outputs = getattr(pl_module, "test_outputs", None)
         if outputs:

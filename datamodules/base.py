@@ -18,7 +18,9 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from datamodules.images import find_missing, load_rgb, preload_images
+from datamodules.bad_images import SkipCounter, check_policy, skip_unreadable_collate
+from datamodules.images import ImageReadError, find_missing, load_rgb, preload_images, report_once
+from datamodules.integrity import dataset_fingerprint, warn_duplicates_across_splits
 from datamodules.samplers import SAMPLERS
 from datamodules.splits import (
     SPLITS,
@@ -36,20 +38,42 @@ SAMPLER_NAMES = ("instance", *SAMPLERS)
 
 
 class ImageDataset(Dataset):
-    """(image tensor, class id) pairs from file paths or from preloaded arrays."""
+    """(image tensor, class id) pairs from file paths or from preloaded arrays.
 
-    def __init__(self, paths: Sequence[str], targets: Sequence[int], transform, images=None, loader=load_rgb):
+    An unreadable image raises (``bad_image_policy="error"``, naming the file) or is skipped
+    (``"skip"``: logged, counted in ``skipped`` across DataLoader workers, and dropped from its
+    batch by :func:`skip_unreadable_collate`). An image smaller than ``image_size`` is upscaled
+    by the transform, with a logged warning.
+    """
+
+    def __init__(self, paths: Sequence[str], targets: Sequence[int], transform, images=None, loader=load_rgb,
+                 bad_image_policy: str = "error", image_size: int | None = None, skipped: SkipCounter | None = None):
         self.paths = list(paths)
         self.targets = torch.as_tensor(np.asarray(targets, dtype=np.int64))
         self.transform = transform
         self.images = images
         self.loader = loader
+        self.bad_image_policy = check_policy(bad_image_policy)
+        self.image_size = image_size
+        self.skipped = skipped if skipped is not None else SkipCounter()
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        image = self.images[i] if self.images is not None else self.loader(self.paths[i])
+        try:
+            image = self.images[i] if self.images is not None else self.loader(self.paths[i])
+            if image is None:  # a preload that skipped this file
+                raise ImageReadError(f"cannot decode image {self.paths[i]} (found unreadable at preload)")
+        except ImageReadError as err:
+            if self.bad_image_policy == "error":
+                raise
+            self.skipped.add(self.paths[i])
+            log.warning("skipped unreadable image %s (data.bad_image_policy=skip): %s", self.paths[i], err)
+            return None
+        if self.image_size and min(image.shape[:2]) < self.image_size:
+            report_once("small", "image %s is %dx%d, smaller than data.image_size=%d: upscaled",
+                        self.paths[i], image.shape[1], image.shape[0], self.image_size)
         return self.transform(image=image)["image"], self.targets[i]
 
 
@@ -103,6 +127,8 @@ class ImageClassificationDataModule(L.LightningDataModule):
             every corrupt file is found before training starts).
         num_workers: DataLoader worker processes.
         seed: sampler seed (the split has its own ``split_seed``).
+        bad_image_policy: ``error`` (default: an unreadable image stops the run naming the file)
+            or ``skip`` (logged per file, counted, reported in results.json).
     """
 
     group_key = "group"  # what the ``group`` column means for this source (lesion, patient, ...)
@@ -124,8 +150,11 @@ class ImageClassificationDataModule(L.LightningDataModule):
         preload: bool = False,
         num_workers: int = 2,
         seed: int = 0,
+        bad_image_policy: str = "error",
     ):
         super().__init__()
+        self.bad_image_policy = check_policy(bad_image_policy)
+        self.skipped = SkipCounter()
         if sampler not in SAMPLER_NAMES:
             raise ValueError(f"unknown sampler {sampler!r} (data.sampler); valid: {list(SAMPLER_NAMES)}")
         self.data_dir = Path(data_dir)
@@ -181,7 +210,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
             return
         table = self._indexed_table()
         if self.split_file is not None and self.split_file.exists():
-            table["split"] = read_split_csv(self.split_file, table).to_numpy()
+            table["split"] = read_split_csv(self.split_file, table, self.group_key).to_numpy()
             log.info("reusing split %s", self.split_file)
         else:
             table["split"] = self._new_split(table)
@@ -198,6 +227,9 @@ class ImageClassificationDataModule(L.LightningDataModule):
                 train_tf if split == "train" else eval_tf,
                 [images[i] for i in rows] if images is not None else None,
                 self.load_image,
+                self.bad_image_policy,
+                self.image_size,
+                self.skipped,
             )
 
     def _indexed_table(self) -> pd.DataFrame:
@@ -237,7 +269,9 @@ class ImageClassificationDataModule(L.LightningDataModule):
             split = grouped_stratified_split(
                 table["label"], table["group"], self.val_fraction, self.test_fraction, self.split_seed
             )
-        check_groups_disjoint(table["group"], pd.Series(split), source="new split")
+        check_groups_disjoint(table["group"], pd.Series(split), source="new split",
+                              image_ids=table["image_id"], group_key=self.group_key)
+        warn_duplicates_across_splits(table, split, source=f"new split of {self.data_dir}")
         return split
 
     def find_missing_images(self, paths: Sequence[str]) -> list[int]:
@@ -245,11 +279,26 @@ class ImageClassificationDataModule(L.LightningDataModule):
         return find_missing(paths)
 
     def _preload(self, paths: Sequence[str]) -> list[np.ndarray]:
+        skip = self.bad_image_policy == "skip"
         if self.load_image is load_rgb:
-            return preload_images(paths, self.image_size)
-        return [self.load_image(p) for p in paths]
+            return preload_images(paths, self.image_size, skip_unreadable=skip)
+        return [self._load_or_none(p) if skip else self.load_image(p) for p in paths]
+
+    def _load_or_none(self, path: str):
+        try:
+            return self.load_image(path)
+        except ImageReadError:
+            return None  # counted and logged by ImageDataset when fetched
 
     def _check_every_class_in_every_split(self, table: pd.DataFrame) -> None:
+        sizes = table["split"].value_counts()
+        empty_splits = [s for s in SPLITS if sizes.get(s, 0) == 0]
+        if empty_splits:
+            raise ValueError(
+                f"split {empty_splits[0]!r} of {self.data_dir} is empty ({ {s: int(sizes.get(s, 0)) for s in SPLITS} }): "
+                "every run needs train images, val images (model selection) and test images (the score). "
+                "Set data.val_fraction and data.test_fraction > 0, or fix the split file (delete it to make a new one)"
+            )
         counts = pd.crosstab(table["label"], table["split"]).reindex(
             index=self.class_names, columns=list(SPLITS), fill_value=0
         )
@@ -258,7 +307,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
             where = ", ".join(f"{c!r} in {s}" for c, s in empty[:6])
             totals = counts.sum(axis=1)
             raise ValueError(
-                f"a class has no images in a split: {where} (class totals: "
+                f"a class has no images in a split of {self.split_file or self.data_dir}: {where} (class totals: "
                 f"{ {c: int(totals[c]) for c, _ in empty[:6]} }, {self.group_key}s are kept whole). "
                 "Add images of that class, lower data.val_fraction/data.test_fraction, or change "
                 "data.split_seed (delete the split file first if one was saved)"
@@ -276,6 +325,18 @@ class ImageClassificationDataModule(L.LightningDataModule):
         self._require_setup()
         text = "\n".join(f"{i},{s}" for i, s in sorted(zip(self.table["image_id"], self.table["split"], strict=True)))
         return hashlib.sha256(text.encode()).hexdigest()
+
+    def fingerprint(self) -> str:
+        """Dataset fingerprint: ids, relative paths, sizes, labels, groups, split (integrity.py)."""
+        self._require_setup()
+        if getattr(self, "_fingerprint", None) is None:
+            self._fingerprint = dataset_fingerprint(self.table, self.data_dir, self.table["split"])
+        return self._fingerprint
+
+    @property
+    def skipped_images(self) -> int:
+        """Unreadable images skipped so far under ``bad_image_policy=skip`` (all workers)."""
+        return self.skipped.value
 
     def _require_setup(self) -> None:
         if self.table is None:
@@ -315,7 +376,8 @@ class ImageClassificationDataModule(L.LightningDataModule):
         """
         dataset = self.datasets[split]
         if isinstance(dataset, ImageDataset):
-            dataset = ImageDataset(dataset.paths, dataset.targets, build_transform("none", self.image_size), dataset.images, dataset.loader)
+            dataset = ImageDataset(dataset.paths, dataset.targets, build_transform("none", self.image_size), dataset.images,
+                                   dataset.loader, self.bad_image_policy, self.image_size, self.skipped)
         world, rank = self._world() if sharded else (1, 0)
         sampler = RankShardSampler(len(dataset), world, rank)
         return DataLoader(dataset, batch_size=self.eval_batch_size, sampler=sampler, **self._loader_kwargs())
@@ -334,7 +396,10 @@ class ImageClassificationDataModule(L.LightningDataModule):
         return DataLoader(dataset, batch_size=self.eval_batch_size, sampler=sampler, **self._loader_kwargs())
 
     def _loader_kwargs(self) -> dict:
-        return {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0}
+        kwargs = {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0}
+        if self.bad_image_policy == "skip":
+            kwargs["collate_fn"] = skip_unreadable_collate
+        return kwargs
 
     def _world(self) -> tuple[int, int]:
         trainer = self.trainer

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from datamodules.integrity import check_no_group_leaks
+
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
@@ -83,7 +85,7 @@ def write_split_csv(path: Path, table: pd.DataFrame) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def read_split_csv(path: Path, index: pd.DataFrame) -> pd.Series:
+def read_split_csv(path: Path, index: pd.DataFrame, group_key: str = "group") -> pd.Series:
     """Read a saved split and check it describes exactly the images of ``index``.
 
     Returns the split name per row of ``index`` (aligned on ``image_id``).
@@ -123,19 +125,10 @@ def read_split_csv(path: Path, index: pd.DataFrame) -> pd.Series:
             "%s: %d images have another label than when the split was made; the split is kept "
             "(delete the file to re-stratify)", path, relabelled,
         )
-    check_groups_disjoint(index["group"], split, source=str(path))
+    check_no_group_leaks(index["group"], split, f"split file {path}", index["image_id"], group_key, split_file=path)
     return split
 
 
-def check_groups_disjoint(groups: pd.Series, split: pd.Series, source: str) -> None:
-    """Refuse a split in which one group (lesion, patient) appears in two splits."""
-    spans = pd.DataFrame({"group": groups.to_numpy(), "split": np.asarray(split)}).groupby("group")[
-        "split"
-    ].nunique()
-    leaking = spans.index[spans > 1].tolist()
-    if leaking:
-        raise ValueError(
-            f"{source}: {len(leaking)} groups appear in more than one split (first: {leaking[:5]}); "
-            "images of one lesion/patient in two splits leak information. Delete the split file "
-            "to let medmetric make a grouped split"
-        )
+def check_groups_disjoint(groups: pd.Series, split: pd.Series, source: str, **kwargs) -> None:
+    """Refuse a split in which one group (lesion, patient) appears in two splits (see integrity.py)."""
+    check_no_group_leaks(groups, split, source, **kwargs)

@@ -29,9 +29,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 
+from callbacks.atomic_checkpoint import AtomicCheckpointIO, atomic_write  # noqa: E402
 from callbacks.feature_cache import FeatureCache  # noqa: E402
+from callbacks.finite_loss import FiniteLossGuard  # noqa: E402
 from callbacks.handoff import StageHandoff, read_manifest  # noqa: E402
 from callbacks.results import ResultsWriter  # noqa: E402
+from callbacks.selection_guard import ValidationOnlySelection  # noqa: E402
+from experiments.safe_config import ALLOW_ENV, check_class_paths, prescan_args  # noqa: E402
 from experiments.wandb_mode import WANDB_MODES, wandb_offline  # noqa: E402
 from lightning_modules.classifier_base import MONITOR  # noqa: E402
 
@@ -91,17 +95,20 @@ class MedMetricCLI(LightningCLI):
         parser.add_argument("--test_after_fit", type=bool, default=True, help="after fit, test the best checkpoint and write results.json")
         parser.add_argument("--wandb", default="auto", help=f"W&B logging: {', '.join(WANDB_MODES)} (auto: offline without an API key)")
         parser.add_argument("--wandb_project", default="medmetric")
+        parser.add_argument("--allow_class_paths", default="", help=f"extra packages configs may name classes from, comma-separated (or {ALLOW_ENV})")
         parser.link_arguments("data.class_names", "model.init_args.class_names", apply_on="instantiate")
 
     # --- layout ------------------------------------------------------------------------------
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
+        check_class_paths(config, config.get("allow_class_paths"))  # before any folder or object is made
         model_class = config.model.class_path.rsplit(".", 1)[-1]
         stage = STAGE_OF_MODEL.get(model_class, model_class)
         experiment_dir = Path(config.runs_dir) / config.experiment
         inherited = os.environ.get(RUN_DIR_ENV) if os.environ.get("LOCAL_RANK", "0") != "0" else None
         run_dir = Path(inherited) if inherited else new_run_dir(experiment_dir / stage)
         os.environ[RUN_DIR_ENV] = str(run_dir)
+        _CURRENT_RUN["dir"] = run_dir
         self.paths = RunPaths(config.experiment, stage, experiment_dir, run_dir)
         if config.trainer.default_root_dir is None:
             config.trainer.default_root_dir = str(run_dir)
@@ -127,6 +134,8 @@ class MedMetricCLI(LightningCLI):
                 save_last=True,
             ),
             ResultsWriter(experiment=self.paths.experiment, stage=self.paths.stage),
+            FiniteLossGuard(),
+            ValidationOnlySelection(),
         ]
         if self.paths.stage == "stage1":
             callbacks.append(StageHandoff(experiment_manifest=str(self.paths.handoff)))
@@ -135,6 +144,8 @@ class MedMetricCLI(LightningCLI):
         self.trainer_defaults["callbacks"] = callbacks
         if config.trainer.logger is None or config.trainer.logger is True:
             kwargs.setdefault("logger", self._loggers(run_dir, config))
+        if config.trainer.get("plugins") is None:
+            kwargs.setdefault("plugins", [AtomicCheckpointIO()])  # atomic saves, weights_only loads
         if getattr(self.datamodule, "shards_by_rank", False):
             kwargs.setdefault("use_distributed_sampler", False)  # the DataModule shards by rank
         return super().instantiate_trainer(**kwargs)
@@ -168,11 +179,24 @@ class MedMetricCLI(LightningCLI):
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if best else None)
 
 
-TOOLS = {
+TOOLS = {  # medmetric <tool> ...: commands beside LightningCLI's
     "report": "experiments.report",
+    "check-data": "experiments.check_data",
     "index": "experiments.index",
     "search": "experiments.search",
-}  # medmetric <tool> ...: commands beside LightningCLI's
+}
+_CURRENT_RUN: dict[str, Path | None] = {"dir": None}  # the run folder made by this process, if any
+
+
+def mark_failed(error: BaseException) -> None:
+    """Leave ``FAILED`` (the error) in the run folder so no one mistakes it for a finished run."""
+    run_dir = _CURRENT_RUN["dir"]
+    if run_dir is not None and run_dir.is_dir() and os.environ.get("LOCAL_RANK", "0") == "0":
+        text = f"{type(error).__name__}: {error}\n".encode()
+        try:
+            atomic_write(run_dir / "FAILED", lambda handle: handle.write(text), what="failure marker")
+        except OSError:
+            pass  # e.g. the disk is full: the original error matters more
 
 
 def main(args: list[str] | None = None):
@@ -183,4 +207,11 @@ def main(args: list[str] | None = None):
 
         return sys.exit(importlib.import_module(TOOLS[args[0]]).main(args[1:]))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return MedMetricCLI(args=args)
+    _CURRENT_RUN["dir"] = None
+    prescan_args(args)  # untrusted class paths are refused before jsonargparse imports them
+    try:
+        return MedMetricCLI(args=args)
+    except BaseException as error:  # SystemExit of a bad flag too: it may come after the folder exists
+        if not (isinstance(error, SystemExit) and error.code in (0, None)):
+            mark_failed(error)
+        raise

@@ -685,6 +685,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--wandb", choices=WANDB_MODES, default="auto",
                         help="also log figures and table to W&B (online falls back to offline without a key)")
     parser.add_argument("--wandb_project", default="medmetric")
+    parser.add_argument("--allow_fingerprint_mismatch", action="store_true",
+                        help="aggregate runs on the same classes whose dataset fingerprints differ (refused by default)")
     return parser.parse_args(argv)
 
 
@@ -700,6 +702,24 @@ def check_out(out: Path, files: list[str], runs: list[Run], overwrite: bool) -> 
         raise ReportError(f"{out}: already holds {shown}; pass --overwrite to replace them, or choose another --out")
 
 
+def check_same_data(runs: list[Run]) -> None:
+    """Refuse runs on the same class list whose dataset fingerprints differ (other files/labels/split)."""
+    by_classes: dict[tuple, dict[str, list[str]]] = {}
+    for run in runs:
+        fingerprint = run.results.get("dataset_fingerprint")
+        if fingerprint:
+            by_classes.setdefault(tuple(run.class_names), {}).setdefault(fingerprint, []).append(run.name)
+    for prints in by_classes.values():
+        if len(prints) > 1:
+            shown = "; ".join(f"{fp[:12]}: {', '.join(names[:3])}" + (" ..." if len(names) > 3 else "")
+                              for fp, names in prints.items())
+            raise ReportError(
+                f"runs on the same classes were made on different data (dataset fingerprints {shown}); their "
+                "numbers are not comparable. Report them separately, or pass --allow_fingerprint_mismatch to "
+                "aggregate them knowingly"
+            )
+
+
 def label_notes(labels: list[tuple[str, str]], runs: list[Run]) -> list[str]:
     return [f"--label {name}={pattern} matched no run" for name, pattern in labels
             if not any(matches_label(run.path, pattern) for run in runs)]
@@ -707,6 +727,8 @@ def label_notes(labels: list[tuple[str, str]], runs: list[Run]) -> list[str]:
 
 def build_report(args: argparse.Namespace, command: str) -> str:
     runs = [load_run(path) for path in discover_runs(args.inputs)]
+    if not getattr(args, "allow_fingerprint_mismatch", False):
+        check_same_data(runs)
     groups = make_groups(runs, args.label)
     metrics, classes = table_metrics(runs), all_classes(groups)
     plan, captions = plan_figures(groups, classes, args.embedding)

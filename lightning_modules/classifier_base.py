@@ -9,6 +9,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from lightning_modules.checkpoint_check import check_checkpoint_matches
 from lightning_modules.losses.distributed import gather_across_ranks
 from lightning_modules.metrics import ClassificationMetrics
 
@@ -87,6 +88,12 @@ class ClassifierModule(L.LightningModule):
             # NaN (a class absent from a split) cannot be a monitored value; log only numbers
             self.log_dict({f"{prefix}/{k}": v for k, v in values.items() if not math.isnan(v)})
         return values
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse a checkpoint of another class list / backbone before its weights are loaded."""
+        trainer = self._trainer
+        where = getattr(trainer, "ckpt_path", None) if trainer is not None else None
+        check_checkpoint_matches(checkpoint, self.hparams, type(self).__name__, where)
 
     def make_optimizer(self, params: Iterable[nn.Parameter] | list[dict], name: str, lr: float, weight_decay: float):
         """Optimiser (over parameters or parameter groups) plus a per-step cosine decay."""

@@ -45,6 +45,8 @@ class RebalancedHeadModule(ClassifierModule):
             training batches first (MiSLAS shift-BN); off by default.
         feature_cache: train on cached backbone features (needs ``data.augment=none``).
         backbone: optional, only to assert the expected stage-1 backbone name.
+        allow_fingerprint_mismatch: accept a data set whose fingerprint differs from stage 1's
+            (refused by default: stage 1 saw other files, sizes, labels or groups).
     """
 
     def __init__(
@@ -64,6 +66,7 @@ class RebalancedHeadModule(ClassifierModule):
         weight_decay: float = 5e-4,
         many_shot_threshold: int = 100,
         few_shot_threshold: int = 20,
+        allow_fingerprint_mismatch: bool = False,
     ):
         super().__init__(class_names, many_shot_threshold, few_shot_threshold)
         if strategy not in STRATEGIES:
@@ -108,7 +111,11 @@ class RebalancedHeadModule(ClassifierModule):
         super().setup(stage)
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "split_sha256"):
-            check_manifest(self.manifest, class_names=datamodule.class_names, split_sha256=datamodule.split_sha256())
+            check_manifest(
+                self.manifest, class_names=datamodule.class_names, split_sha256=datamodule.split_sha256(),
+                fingerprint=datamodule.fingerprint() if hasattr(datamodule, "fingerprint") else None,
+                allow_fingerprint_mismatch=self.hparams.allow_fingerprint_mismatch,
+            )
 
     def train(self, mode: bool = True):
         """Lightning calls ``train()`` every epoch; the frozen backbone must stay in eval mode."""
