@@ -16,9 +16,12 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler
 
+from datamodules.cache import open_image_cache
+from datamodules.global_batch import per_device_batch_size
 from datamodules.images import find_missing, load_rgb, preload_images
+from datamodules.resumable import ResumableDataLoader
 from datamodules.samplers import SAMPLERS
 from datamodules.splits import (
     SPLITS,
@@ -102,6 +105,10 @@ class ImageClassificationDataModule(L.LightningDataModule):
             every corrupt file is found before training starts).
         num_workers: DataLoader worker processes.
         seed: sampler seed (the split has its own ``split_seed``).
+        global_batch_size: images per optimiser step over all devices; when set, the per-device
+            ``batch_size`` is derived from it at setup (datamodules/global_batch.py).
+        image_cache_dir: folder of the preprocessed image cache (datamodules/cache.py): images
+            are decoded and resized once, then read as raw pixels (None: decode every time).
     """
 
     group_key = "group"  # what the ``group`` column means for this source (lesion, patient, ...)
@@ -122,6 +129,8 @@ class ImageClassificationDataModule(L.LightningDataModule):
         preload: bool = False,
         num_workers: int = 2,
         seed: int = 0,
+        global_batch_size: int | None = None,
+        image_cache_dir: str | None = None,
     ):
         super().__init__()
         if sampler not in SAMPLER_NAMES:
@@ -140,6 +149,8 @@ class ImageClassificationDataModule(L.LightningDataModule):
         self.preload = preload
         self.num_workers = num_workers
         self.seed = seed
+        self.global_batch_size = global_batch_size
+        self.image_cache_dir = image_cache_dir
         build_transform(augment, image_size)  # unknown preset fails here, not at the first batch
         self.table: pd.DataFrame | None = None
         self.datasets: dict[str, ImageDataset] = {}
@@ -181,7 +192,8 @@ class ImageClassificationDataModule(L.LightningDataModule):
             table["split"] = self._new_split(table)
         self._check_every_class_in_every_split(table)
         self.table = table
-        images = preload_images(table["path"].tolist(), self.image_size) if self.preload else None
+        self._derive_batch_size()
+        images = self._decoded_images(table["path"].tolist())
         train_tf = build_transform(self.augment, self.image_size)
         eval_tf = build_transform("none", self.image_size)
         for split in SPLITS:
@@ -190,8 +202,21 @@ class ImageClassificationDataModule(L.LightningDataModule):
                 table["path"].to_numpy()[rows],
                 table["target"].to_numpy()[rows],
                 train_tf if split == "train" else eval_tf,
-                [images[i] for i in rows] if images is not None else None,
+                None if images is None else images.take(rows) if hasattr(images, "take") else [images[i] for i in rows],
             )
+
+    def _decoded_images(self, paths: list[str]):
+        """Images decoded ahead: the memory-mapped cache, RAM (preload), both, or None."""
+        if self.image_cache_dir:
+            cached = open_image_cache(paths, self.image_size, self.image_cache_dir)
+            return [cached[i] for i in range(len(cached))] if self.preload else cached
+        return preload_images(paths, self.image_size) if self.preload else None
+
+    def _derive_batch_size(self) -> None:
+        if self.global_batch_size is not None:
+            world = self.trainer.world_size if self.trainer is not None else 1
+            accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
+            self.batch_size = per_device_batch_size(self.global_batch_size, world, accumulate)
 
     def _indexed_table(self) -> pd.DataFrame:
         table = self.read_index()
@@ -257,9 +282,8 @@ class ImageClassificationDataModule(L.LightningDataModule):
         world, rank = self._world()
         if self.sampler == "instance":
             sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=self.seed, drop_last=True)
-            return DataLoader(
-                dataset, batch_size=self.batch_size, sampler=sampler, drop_last=True, **self._loader_kwargs()
-            )
+            batches = BatchSampler(sampler, self.batch_size, drop_last=True)
+            return ResumableDataLoader(dataset, batches, self._epoch_progress, **self._loader_kwargs())
         kwargs = {}
         if self.sampler == "m_per_class":
             kwargs["m_per_class"] = self.m_per_class
@@ -269,7 +293,12 @@ class ImageClassificationDataModule(L.LightningDataModule):
             dataset.targets, batch_size=self.batch_size, seed=self.seed,
             num_replicas=world, rank=rank, **kwargs,
         )
-        return DataLoader(dataset, batch_sampler=batch_sampler, **self._loader_kwargs())
+        return ResumableDataLoader(dataset, batch_sampler, self._epoch_progress, **self._loader_kwargs())
+
+    def _epoch_progress(self) -> tuple[int, int]:
+        """(epoch, batches of it trained): the training loader's state in a checkpoint."""
+        loop = self.trainer.fit_loop
+        return loop.epoch_progress.current.processed, loop.epoch_loop.batch_progress.current.completed
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")

@@ -31,7 +31,9 @@ from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 
 from callbacks.feature_cache import FeatureCache  # noqa: E402
 from callbacks.handoff import StageHandoff, read_manifest  # noqa: E402
+from callbacks.preemption import RNGStateInCheckpoint, SaveOnPreemption  # noqa: E402
 from callbacks.results import ResultsWriter  # noqa: E402
+from experiments.resume import named_or_new_run_dir, resume_plan_for_process, write_resume_record  # noqa: E402
 from experiments.wandb_mode import WANDB_MODES, wandb_offline  # noqa: E402
 from lightning_modules.classifier_base import MONITOR  # noqa: E402
 
@@ -100,7 +102,10 @@ class MedMetricCLI(LightningCLI):
         stage = STAGE_OF_MODEL.get(model_class, model_class)
         experiment_dir = Path(config.runs_dir) / config.experiment
         inherited = os.environ.get(RUN_DIR_ENV) if os.environ.get("LOCAL_RANK", "0") != "0" else None
-        run_dir = Path(inherited) if inherited else new_run_dir(experiment_dir / stage)
+        self.resume = resume_plan_for_process(config.get("ckpt_path"), experiment_dir / stage, inherited is not None)
+        if self.resume.checkpoint is not None or "ckpt_path" in config:
+            config.ckpt_path = str(self.resume.checkpoint) if self.resume.checkpoint else None
+        run_dir = Path(inherited) if inherited else self.resume.run_dir or named_or_new_run_dir(experiment_dir / stage)
         os.environ[RUN_DIR_ENV] = str(run_dir)
         self.paths = RunPaths(config.experiment, stage, experiment_dir, run_dir)
         if config.trainer.default_root_dir is None:
@@ -127,6 +132,8 @@ class MedMetricCLI(LightningCLI):
                 save_last=True,
             ),
             ResultsWriter(experiment=self.paths.experiment, stage=self.paths.stage),
+            RNGStateInCheckpoint(),
+            SaveOnPreemption(),
         ]
         if self.paths.stage == "stage1":
             callbacks.append(StageHandoff(experiment_manifest=str(self.paths.handoff)))
@@ -140,7 +147,10 @@ class MedMetricCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
     def _loggers(self, run_dir: Path, config) -> list:
-        loggers = [CSVLogger(save_dir=str(run_dir), name="", version="")]
+        segment = self.resume.segment or ""  # a resumed run logs into <run>/resumes/<time>/
+        if self.resume.checkpoint is not None and self.trainer_is_rank_zero():
+            write_resume_record(run_dir / segment, self.resume)
+        loggers = [CSVLogger(save_dir=str(run_dir), name="", version=segment)]
         offline = wandb_offline(config.wandb)
         if offline is not None:
             from lightning.pytorch.loggers import WandbLogger
@@ -159,6 +169,10 @@ class MedMetricCLI(LightningCLI):
                 )
             )
         return loggers
+
+    @staticmethod
+    def trainer_is_rank_zero() -> bool:
+        return all(os.environ.get(k, "0") == "0" for k in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK"))
 
     # --- fit, then test the checkpoint chosen on validation ------------------------------------
     def after_fit(self) -> None:
