@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,30 @@ class RNGStateInCheckpoint(Callback):
             torch.cuda.set_rng_state_all(state_dict["cuda"])
 
 
+class LastEveryEpochCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint whose ``last.ckpt`` is refreshed after every validation (or training epoch).
+
+    Since Lightning 2.5 ``save_last=True`` rewrites ``last.ckpt`` only when a top-k checkpoint was
+    saved in the same step, so after an epoch that did not improve the monitored metric,
+    ``last.ckpt`` would still hold an older epoch and a resumed run would silently retrain it.
+    Saving here, after the parent's own logic, also records the updated best-so-far state.
+    """
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._refresh_last(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._refresh_last(trainer)
+
+    def _refresh_last(self, trainer) -> None:
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
 class SaveOnPreemption(Callback):
     """On SIGTERM, save ``last.ckpt`` in the run's checkpoint folder, then let Lightning exit (status 0)."""
 
@@ -66,8 +90,8 @@ class SaveOnPreemption(Callback):
             log.warning("SIGTERM received but no checkpoint folder is configured; nothing saved")
             return
         path = Path(checkpoint.dirpath) / f"{checkpoint.CHECKPOINT_NAME_LAST}{checkpoint.FILE_EXTENSION}"
-        trainer.save_checkpoint(path)
-        checkpoint.last_model_path = str(path)
+        checkpoint.last_model_path = str(path)  # before saving: it is part of the saved state, and a
+        trainer.save_checkpoint(path)  # resumed ModelCheckpoint then rewrites last.ckpt, not last-v1.ckpt
         self.saved_path = path
         if trainer.is_global_zero:
             log.warning(

@@ -283,7 +283,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
         if self.sampler == "instance":
             sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=self.seed, drop_last=True)
             batches = BatchSampler(sampler, self.batch_size, drop_last=True)
-            return ResumableDataLoader(dataset, batches, self._epoch_progress, **self._loader_kwargs())
+            return self._resumable(ResumableDataLoader(dataset, batches, self._epoch_progress, **self._loader_kwargs()))
         kwargs = {}
         if self.sampler == "m_per_class":
             kwargs["m_per_class"] = self.m_per_class
@@ -293,12 +293,28 @@ class ImageClassificationDataModule(L.LightningDataModule):
             dataset.targets, batch_size=self.batch_size, seed=self.seed,
             num_replicas=world, rank=rank, **kwargs,
         )
-        return ResumableDataLoader(dataset, batch_sampler, self._epoch_progress, **self._loader_kwargs())
+        return self._resumable(ResumableDataLoader(dataset, batch_sampler, self._epoch_progress, **self._loader_kwargs()))
 
+    # --- mid-epoch resume (datamodules/resumable.py) ------------------------------------------
     def _epoch_progress(self) -> tuple[int, int]:
-        """(epoch, batches of it trained): the training loader's state in a checkpoint."""
+        """(epoch, batches of it trained; 0 once it is over): the training loader's state in a checkpoint."""
         loop = self.trainer.fit_loop
-        return loop.epoch_progress.current.processed, loop.epoch_loop.batch_progress.current.completed
+        done = loop.epoch_loop.batch_progress.current.completed
+        if done >= self.trainer.num_training_batches:  # the epoch is over (limit_train_batches included)
+            done = 0
+        return loop.epoch_progress.current.processed, done
+
+    def state_dict(self) -> dict:
+        return {"train_progress": list(self._epoch_progress())} if self.trainer is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._resume_progress = state_dict.get("train_progress")
+
+    def _resumable(self, loader: ResumableDataLoader) -> ResumableDataLoader:
+        progress, self._resume_progress = getattr(self, "_resume_progress", None), None
+        if progress:
+            loader.resume_at(*progress)
+        return loader
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")

@@ -74,6 +74,7 @@ class CachedImages:
         self.shapes = shapes
         self.rows = np.arange(len(offsets)) if rows is None else np.asarray(rows, dtype=np.int64)
         self._map: np.memmap | None = None
+        self.built_here = False  # whether this call built (or rebuilt) the cache
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -160,9 +161,12 @@ def open_image_cache(paths: Sequence[str], image_size: int, cache_dir: str | Pat
     with open(cache_dir / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if we crash
         index = _read_index(index_path, paths, min_side, fingerprint)
-        if index is None:
+        built = index is None
+        if built:
             log.info("building image cache %s (%d images, shorter side %d px)", data_path, len(paths), min_side)
             index = _build(data_path, index_path, paths, min_side, fingerprint, workers)
         else:
             log.info("reusing image cache %s", data_path)
-    return CachedImages(data_path, np.asarray(index["offsets"], dtype=np.int64), np.asarray(index["shapes"], dtype=np.int64))
+    images = CachedImages(data_path, np.asarray(index["offsets"], dtype=np.int64), np.asarray(index["shapes"], dtype=np.int64))
+    images.built_here = built
+    return images

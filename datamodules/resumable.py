@@ -8,8 +8,10 @@ Two things Lightning does not do for a ``DataLoader(batch_sampler=...)``:
   the call and forwards it to the wrapped batch sampler (and to its own ``sampler``, e.g. a
   ``DistributedSampler`` inside a ``BatchSampler``).
 * mid-epoch resume: a checkpoint written mid-epoch (on SIGTERM) records how many batches of the
-  epoch were trained; Lightning saves ``state_dict()`` of loaders that have one and calls
-  ``load_state_dict`` on resume. The next iteration of that same epoch then skips the trained
+  epoch were trained (in the DataModule's state: Lightning restores it before it builds the
+  loaders, unlike the loaders' own state, which it applies only to loaders built after the loop
+  state is restored -- too late when ``configure_optimizers`` asks for
+  ``estimated_stepping_batches``). The next iteration of that same epoch then skips the trained
   batches at the *index* level (nothing is decoded), so the rest of the epoch is exactly what the
   uninterrupted run would have seen: the plans are functions of (seed, epoch) only.
 """
@@ -48,8 +50,9 @@ class EpochBatchSampler(Sampler[list[int]]):
     def __iter__(self):
         skip = 0
         if self.skip is not None and self.skip[0] == self.epoch:
-            skip = self.skip[1]
-        self.skip = None
+            skip, self.skip = self.skip[1], None
+        elif self.skip is not None and self.epoch > self.skip[0]:
+            self.skip = None  # that epoch is over
         yield from itertools.islice(iter(self.batch_sampler), skip, None)
 
     def __len__(self) -> int:
@@ -72,5 +75,10 @@ class ResumableDataLoader(DataLoader):
         return {"epoch": int(epoch), "batches_done": int(done)}
 
     def load_state_dict(self, state: dict) -> None:
-        if 0 < state["batches_done"] < len(self.batch_sampler):  # finished epochs need no skipping
-            self.batch_sampler.skip = (state["epoch"], state["batches_done"])
+        self.resume_at(state["epoch"], state["batches_done"])
+
+    def resume_at(self, epoch: int, batches_done: int) -> None:
+        """Continue epoch ``epoch`` after its first ``batches_done`` batches."""
+        if 0 < batches_done < len(self.batch_sampler):  # finished epochs need no skipping
+            self.batch_sampler.set_epoch(epoch)
+            self.batch_sampler.skip = (epoch, batches_done)
