@@ -77,6 +77,8 @@ def assert_same_as_reference(run: Path, log: Path, reference) -> None:
     for name in theirs:
         assert torch.equal(ours[name], theirs[name]), name
     assert results_of(run) == results_of(reference_run)
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == sorted(p.name for p in (reference_run / "checkpoints").iterdir())  # no last-v1.ckpt beside
     # the finished reference run was left alone
     assert {p.relative_to(reference_run): p.stat().st_mtime_ns for p in reference_run.rglob("*") if p.is_file()} == snapshot
 
