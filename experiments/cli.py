@@ -25,15 +25,19 @@ from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 
 from callbacks.feature_cache import FeatureCache  # noqa: E402
 from callbacks.handoff import StageHandoff, read_manifest  # noqa: E402
-from callbacks.preemption import RNGStateInCheckpoint, SaveOnPreemption  # noqa: E402
+from callbacks.preemption import LastEveryEpochCheckpoint, RNGStateInCheckpoint, SaveOnPreemption  # noqa: E402
 from callbacks.results import ResultsWriter  # noqa: E402
-from experiments.resume import named_or_new_run_dir, resume_plan_for_process, write_resume_record  # noqa: E402
+from experiments.resume import (  # noqa: E402
+    ResumePlan,
+    named_or_new_run_dir,
+    resume_plan_for_process,
+    write_resume_record,
+)
 from experiments.wandb_mode import WANDB_MODES, wandb_offline  # noqa: E402
 from lightning_modules.classifier_base import MONITOR  # noqa: E402
 
@@ -102,8 +106,9 @@ class MedMetricCLI(LightningCLI):
         stage = STAGE_OF_MODEL.get(model_class, model_class)
         experiment_dir = Path(config.runs_dir) / config.experiment
         inherited = os.environ.get(RUN_DIR_ENV) if os.environ.get("LOCAL_RANK", "0") != "0" else None
-        self.resume = resume_plan_for_process(config.get("ckpt_path"), experiment_dir / stage, inherited is not None)
-        if self.resume.checkpoint is not None or "ckpt_path" in config:
+        self.resume = ResumePlan(None, None)  # fit --ckpt_path: continue a run (experiments/resume.py)
+        if self.subcommand == "fit":
+            self.resume = resume_plan_for_process(config.get("ckpt_path"), experiment_dir / stage, inherited is not None)
             config.ckpt_path = str(self.resume.checkpoint) if self.resume.checkpoint else None
         run_dir = Path(inherited) if inherited else self.resume.run_dir or named_or_new_run_dir(experiment_dir / stage)
         os.environ[RUN_DIR_ENV] = str(run_dir)
@@ -123,7 +128,7 @@ class MedMetricCLI(LightningCLI):
         config = self.config_init[self.subcommand]
         run_dir = Path(config.trainer.default_root_dir)
         callbacks = [
-            ModelCheckpoint(
+            LastEveryEpochCheckpoint(
                 dirpath=run_dir / "checkpoints",
                 filename="best-epoch{epoch:03d}",
                 auto_insert_metric_name=False,
