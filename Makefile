@@ -19,7 +19,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export PYTHONUNBUFFERED := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test demo check-data train-stage1 train-stage2 reproduce report lint bench bench-losses bench-stage2 clean-venv
+.PHONY: help setup test demo check-data train-stage1 train-stage2 reproduce report lint bench bench-losses bench-stage2 bench-data bench-training sweep clean-venv
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-14s %s\n", $$1, $$2}'
@@ -54,7 +54,7 @@ reproduce: setup ## paper-style comparison over SEEDS seeds + report; SMALL=1 fo
 report: setup ## markdown/CSV/figures across runs: make report RUNS='runs/exp*/stage2/*' OUT=runs/report
 	$(PY) -m experiments.report $(RUNS) --out $(OUT) $(ARGS)
 
-bench: bench-losses bench-stage2 bench-retrieval ## every benchmark (ratios against a reference measured in the same run)
+bench: bench-losses bench-stage2 bench-retrieval bench-data bench-training ## every benchmark (ratios against a reference measured in the same run)
 
 bench-losses: setup ## metric losses: our wrappers vs pytorch-metric-learning direct, B=256/1024
 	$(PY) -m bench.metric_losses $(ARGS)
@@ -69,6 +69,21 @@ bench-retrieval: setup ## search index: faiss IndexFlatIP vs exact chunked torch
 
 demo-kimia: setup ## Kimia Path24 (synthetic fallback): stage 1, retrieval metrics, medmetric index + search
 	$(PY) -m experiments.kimia_demo $(ARGS)
+
+bench-data: setup ## image loading: preprocessed image cache vs decoding each JPEG, at 64 and 224 px
+	$(PY) -m bench.data_loading $(ARGS)
+
+bench-training: setup ## stage-1 images/s: medmetric (DataModule, sampler, Trainer) vs a bare PyTorch loop
+	$(PY) -m bench.training_throughput $(ARGS)
+
+STAGE ?= 1
+COUNT ?=
+WANDB_PROJECT ?= medmetric
+sweep: setup ## W&B sweep + agent: make sweep DATA=ham10000 STAGE=1 [COUNT=20] (needs `wandb login`)
+	@set -o pipefail; out=$$($(VENV)/bin/wandb sweep --project $(WANDB_PROJECT) experiments/sweeps/stage$(STAGE)_$(DATA).yaml 2>&1 | tee /dev/stderr); \
+	id=$$(printf '%s\n' "$$out" | sed -n 's/.*wandb agent \([^ ]*\).*/\1/p' | tail -1); \
+	test -n "$$id" || { echo "no sweep id in the output of wandb sweep (logged in? try: $(VENV)/bin/wandb login)"; exit 1; }; \
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/wandb agent $(if $(COUNT),--count $(COUNT),) $$id
 
 lint: setup ## ruff check
 	$(VENV)/bin/ruff check .

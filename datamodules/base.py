@@ -16,11 +16,14 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler
 
 from datamodules.bad_images import SkipCounter, check_policy, skip_unreadable_collate
+from datamodules.cache import open_image_cache
+from datamodules.global_batch import per_device_batch_size
 from datamodules.images import ImageReadError, find_missing, load_rgb, preload_images, report_once
 from datamodules.integrity import dataset_fingerprint, warn_duplicates_across_splits
+from datamodules.resumable import ResumableDataLoader
 from datamodules.samplers import SAMPLERS
 from datamodules.splits import (
     SPLITS,
@@ -129,6 +132,10 @@ class ImageClassificationDataModule(L.LightningDataModule):
         seed: sampler seed (the split has its own ``split_seed``).
         bad_image_policy: ``error`` (default: an unreadable image stops the run naming the file)
             or ``skip`` (logged per file, counted, reported in results.json).
+        global_batch_size: images per optimiser step over all devices; when set, the per-device
+            ``batch_size`` is derived from it at setup (datamodules/global_batch.py).
+        image_cache_dir: folder of the preprocessed image cache (datamodules/cache.py): images
+            are decoded and resized once, then read as raw pixels (None: decode every time).
     """
 
     group_key = "group"  # what the ``group`` column means for this source (lesion, patient, ...)
@@ -151,6 +158,8 @@ class ImageClassificationDataModule(L.LightningDataModule):
         num_workers: int = 2,
         seed: int = 0,
         bad_image_policy: str = "error",
+        global_batch_size: int | None = None,
+        image_cache_dir: str | None = None,
     ):
         super().__init__()
         self.bad_image_policy = check_policy(bad_image_policy)
@@ -171,6 +180,8 @@ class ImageClassificationDataModule(L.LightningDataModule):
         self.preload = preload
         self.num_workers = num_workers
         self.seed = seed
+        self.global_batch_size = global_batch_size
+        self.image_cache_dir = image_cache_dir
         build_transform(augment, image_size)  # unknown preset fails here, not at the first batch
         self.table: pd.DataFrame | None = None
         self.datasets: dict[str, ImageDataset] = {}
@@ -216,7 +227,8 @@ class ImageClassificationDataModule(L.LightningDataModule):
             table["split"] = self._new_split(table)
         self._check_every_class_in_every_split(table)
         self.table = table
-        images = self._preload(table["path"].tolist()) if self.preload else None
+        self._derive_batch_size()
+        images = self._decoded_images(table["path"].tolist())
         train_tf = build_transform(self.augment, self.image_size)
         eval_tf = build_transform("none", self.image_size)
         for split in SPLITS:
@@ -225,12 +237,39 @@ class ImageClassificationDataModule(L.LightningDataModule):
                 table["path"].to_numpy()[rows],
                 table["target"].to_numpy()[rows],
                 train_tf if split == "train" else eval_tf,
-                [images[i] for i in rows] if images is not None else None,
+                None if images is None else images.take(rows) if hasattr(images, "take") else [images[i] for i in rows],
                 self.load_image,
                 self.bad_image_policy,
                 self.image_size,
                 self.skipped,
             )
+
+    def _decoded_images(self, paths: list[str]):
+        """Images decoded ahead: the memory-mapped cache, RAM (preload), both, or None."""
+        if self.image_cache_dir:
+            self._check_cacheable()
+            cached = open_image_cache(paths, self.image_size, self.image_cache_dir)
+            return [cached[i] for i in range(len(cached))] if self.preload else cached
+        return self._preload(paths) if self.preload else None
+
+    def _check_cacheable(self) -> None:
+        if self.load_image is not load_rgb:
+            raise ValueError(
+                f"data.image_cache_dir: {type(self).__name__} reads images through its own loader "
+                "(e.g. HDF5 patches), which the image cache does not support; leave image_cache_dir unset"
+            )
+        if self.bad_image_policy == "skip":
+            raise ValueError(
+                "data.image_cache_dir cannot be combined with data.bad_image_policy=skip: the cache is "
+                "built from every image. Remove the unreadable files (`medmetric check-data` lists them) "
+                "or leave image_cache_dir unset"
+            )
+
+    def _derive_batch_size(self) -> None:
+        if self.global_batch_size is not None:
+            world = self.trainer.world_size if self.trainer is not None else 1
+            accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
+            self.batch_size = per_device_batch_size(self.global_batch_size, world, accumulate)
 
     def _indexed_table(self) -> pd.DataFrame:
         table = self.read_index()
@@ -348,9 +387,8 @@ class ImageClassificationDataModule(L.LightningDataModule):
         world, rank = self._world()
         if self.sampler == "instance":
             sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=self.seed, drop_last=True)
-            return DataLoader(
-                dataset, batch_size=self.batch_size, sampler=sampler, drop_last=True, **self._loader_kwargs()
-            )
+            batches = BatchSampler(sampler, self.batch_size, drop_last=True)
+            return self._resumable(ResumableDataLoader(dataset, batches, self._epoch_progress, **self._loader_kwargs()))
         kwargs = {}
         if self.sampler == "m_per_class":
             kwargs["m_per_class"] = self.m_per_class
@@ -360,7 +398,28 @@ class ImageClassificationDataModule(L.LightningDataModule):
             dataset.targets, batch_size=self.batch_size, seed=self.seed,
             num_replicas=world, rank=rank, **kwargs,
         )
-        return DataLoader(dataset, batch_sampler=batch_sampler, **self._loader_kwargs())
+        return self._resumable(ResumableDataLoader(dataset, batch_sampler, self._epoch_progress, **self._loader_kwargs()))
+
+    # --- mid-epoch resume (datamodules/resumable.py) ------------------------------------------
+    def _epoch_progress(self) -> tuple[int, int]:
+        """(epoch, batches of it trained; 0 once it is over): the training loader's state in a checkpoint."""
+        loop = self.trainer.fit_loop
+        done = loop.epoch_loop.batch_progress.current.completed
+        if done >= self.trainer.num_training_batches:  # the epoch is over (limit_train_batches included)
+            done = 0
+        return loop.epoch_progress.current.processed, done
+
+    def state_dict(self) -> dict:
+        return {"train_progress": list(self._epoch_progress())} if self.trainer is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._resume_progress = state_dict.get("train_progress")
+
+    def _resumable(self, loader: ResumableDataLoader) -> ResumableDataLoader:
+        progress, self._resume_progress = getattr(self, "_resume_progress", None), None
+        if progress:
+            loader.resume_at(*progress)
+        return loader
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")

@@ -25,7 +25,6 @@ from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 
@@ -33,8 +32,15 @@ from callbacks.atomic_checkpoint import AtomicCheckpointIO, atomic_write  # noqa
 from callbacks.feature_cache import FeatureCache  # noqa: E402
 from callbacks.finite_loss import FiniteLossGuard  # noqa: E402
 from callbacks.handoff import StageHandoff, read_manifest  # noqa: E402
+from callbacks.preemption import LastEveryEpochCheckpoint, RNGStateInCheckpoint, SaveOnPreemption  # noqa: E402
 from callbacks.results import ResultsWriter  # noqa: E402
 from callbacks.selection_guard import ValidationOnlySelection  # noqa: E402
+from experiments.resume import (  # noqa: E402
+    ResumePlan,
+    named_or_new_run_dir,
+    resume_plan_for_process,
+    write_resume_record,
+)
 from experiments.safe_config import ALLOW_ENV, check_class_paths, prescan_args  # noqa: E402
 from experiments.wandb_mode import WANDB_MODES, wandb_offline  # noqa: E402
 from lightning_modules.classifier_base import MONITOR  # noqa: E402
@@ -106,7 +112,11 @@ class MedMetricCLI(LightningCLI):
         stage = STAGE_OF_MODEL.get(model_class, model_class)
         experiment_dir = Path(config.runs_dir) / config.experiment
         inherited = os.environ.get(RUN_DIR_ENV) if os.environ.get("LOCAL_RANK", "0") != "0" else None
-        run_dir = Path(inherited) if inherited else new_run_dir(experiment_dir / stage)
+        self.resume = ResumePlan(None, None)  # fit --ckpt_path: continue a run (experiments/resume.py)
+        if self.subcommand == "fit":
+            self.resume = resume_plan_for_process(config.get("ckpt_path"), experiment_dir / stage, inherited is not None)
+            config.ckpt_path = str(self.resume.checkpoint) if self.resume.checkpoint else None
+        run_dir = Path(inherited) if inherited else self.resume.run_dir or named_or_new_run_dir(experiment_dir / stage)
         os.environ[RUN_DIR_ENV] = str(run_dir)
         _CURRENT_RUN["dir"] = run_dir
         self.paths = RunPaths(config.experiment, stage, experiment_dir, run_dir)
@@ -125,7 +135,7 @@ class MedMetricCLI(LightningCLI):
         config = self.config_init[self.subcommand]
         run_dir = Path(config.trainer.default_root_dir)
         callbacks = [
-            ModelCheckpoint(
+            LastEveryEpochCheckpoint(
                 dirpath=run_dir / "checkpoints",
                 filename="best-epoch{epoch:03d}",
                 auto_insert_metric_name=False,
@@ -136,6 +146,8 @@ class MedMetricCLI(LightningCLI):
             ResultsWriter(experiment=self.paths.experiment, stage=self.paths.stage),
             FiniteLossGuard(),
             ValidationOnlySelection(),
+            RNGStateInCheckpoint(),
+            SaveOnPreemption(),
         ]
         if self.paths.stage == "stage1":
             callbacks.append(StageHandoff(experiment_manifest=str(self.paths.handoff)))
@@ -151,7 +163,10 @@ class MedMetricCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
     def _loggers(self, run_dir: Path, config) -> list:
-        loggers = [CSVLogger(save_dir=str(run_dir), name="", version="")]
+        segment = self.resume.segment or ""  # a resumed run logs into <run>/resumes/<time>/
+        if self.resume.checkpoint is not None and self.trainer_is_rank_zero():
+            write_resume_record(run_dir / segment, self.resume)
+        loggers = [CSVLogger(save_dir=str(run_dir), name="", version=segment)]
         offline = wandb_offline(config.wandb)
         if offline is not None:
             from lightning.pytorch.loggers import WandbLogger
@@ -170,6 +185,10 @@ class MedMetricCLI(LightningCLI):
                 )
             )
         return loggers
+
+    @staticmethod
+    def trainer_is_rank_zero() -> bool:
+        return all(os.environ.get(k, "0") == "0" for k in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK"))
 
     # --- fit, then test the checkpoint chosen on validation ------------------------------------
     def after_fit(self) -> None:

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from lightning_modules.checkpoint_check import check_checkpoint_matches
 from lightning_modules.losses.distributed import gather_across_ranks
+from lightning_modules.lr_scaling import global_batch_size, scaled_lr
 from lightning_modules.metrics import ClassificationMetrics
 
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
@@ -95,12 +96,22 @@ class ClassifierModule(L.LightningModule):
         where = getattr(trainer, "ckpt_path", None) if trainer is not None else None
         check_checkpoint_matches(checkpoint, self.hparams, type(self).__name__, where)
 
+    def batch_scaled_lr(self, lr: float) -> float:
+        """``lr`` scaled to the global batch by ``model.lr_scaling`` (lightning_modules/lr_scaling.py)."""
+        rule = self.hparams.get("lr_scaling", "none")
+        batch = global_batch_size(self.trainer)
+        if rule == "none" or batch is None:
+            return scaled_lr(lr, rule, 1, 1)  # validates the rule name
+        return scaled_lr(lr, rule, batch, self.hparams.get("base_batch_size", 256))
+
     def make_optimizer(self, params: Iterable[nn.Parameter] | list[dict], name: str, lr: float, weight_decay: float):
         """Optimiser (over parameters or parameter groups) plus a per-step cosine decay."""
         if name not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {name!r} (model.optimizer); valid: {sorted(OPTIMIZERS)}")
         extra = {"momentum": 0.9} if name == "sgd" else {}
-        optimizer = OPTIMIZERS[name](list(params), lr=lr, weight_decay=weight_decay, **extra)
+        factor = self.batch_scaled_lr(1.0)  # the rules are linear in lr; groups with their own lr scale too
+        params = [{**g, "lr": g["lr"] * factor} if isinstance(g, dict) and "lr" in g else g for g in params]
+        optimizer = OPTIMIZERS[name](params, lr=lr * factor, weight_decay=weight_decay, **extra)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -51,6 +51,8 @@ class MetricPretrainModule(ClassifierModule):
         optimizer: str = "adamw",
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
+        lr_scaling: str = "none",
+        base_batch_size: int = 256,
         loss_lr_multiplier: float = 1.0,
         many_shot_threshold: int = 100,
         few_shot_threshold: int = 20,

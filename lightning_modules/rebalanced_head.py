@@ -64,6 +64,8 @@ class RebalancedHeadModule(ClassifierModule):
         optimizer: str = "sgd",
         lr: float = 0.05,
         weight_decay: float = 5e-4,
+        lr_scaling: str = "none",
+        base_batch_size: int = 256,
         many_shot_threshold: int = 100,
         few_shot_threshold: int = 20,
         allow_fingerprint_mismatch: bool = False,

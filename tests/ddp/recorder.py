@@ -1,7 +1,13 @@
-"""A callback for DDP tests: each rank writes the class ids of every training batch it saw."""
+"""A callback for DDP tests: each rank writes what it trained on and what it read.
+
+Per rank: the class ids of every training batch, the type of its training dataset (images, or
+feature vectors from the stage-2 feature cache) with a checksum of those features, and the
+stage-1 manifest its model loaded (stage 2).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -18,5 +24,13 @@ class BatchRecorder(Callback):
 
     def on_fit_end(self, trainer, pl_module):
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        record = {"rank": trainer.global_rank, "world_size": trainer.world_size, "batches": self.batches}
+        train = trainer.datamodule.datasets["train"]
+        record = {
+            "rank": trainer.global_rank,
+            "world_size": trainer.world_size,
+            "batches": self.batches,
+            "train_dataset": type(train).__name__,
+            "features_sha256": hashlib.sha256(train.features.numpy().tobytes()).hexdigest() if hasattr(train, "features") else None,
+            "manifest_weights_sha256": getattr(pl_module, "manifest", {}).get("backbone_weights_sha256"),
+        }
         (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))

@@ -1,0 +1,37 @@
+"""Callbacks for the resume tests, run inside CLI subprocesses.
+
+``StepLog`` appends one JSON line per training batch (epoch, global step, batch index, targets)
+and flushes it at once, so a run killed with SIGKILL still leaves what it trained on.
+``SignalAt`` sends a signal to its own process at the start of one training batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+from lightning.pytorch.callbacks import Callback
+
+
+class StepLog(Callback):
+    def __init__(self, path: str):
+        self.path = Path(path)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        record = {"epoch": trainer.current_epoch, "step": trainer.global_step, "batch_idx": batch_idx, "targets": batch[1].tolist()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+class SignalAt(Callback):
+    def __init__(self, epoch: int, batch: int, signal_name: str):
+        self.epoch, self.batch, self.signal = epoch, batch, getattr(signal, signal_name)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            os.kill(os.getpid(), self.signal)
+
