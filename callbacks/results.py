@@ -50,6 +50,7 @@ class ResultsWriter(Callback):
             "train_class_counts": getattr(datamodule, "class_counts", None),
             "metrics": results,
             "confusion_matrix": getattr(pl_module, "test_confusion", None),
+            **getattr(pl_module, "results_extra", {}),  # multi-label: task, GZSL labels, F1 thresholds
         }
         self.path = next_free(Path(trainer.default_root_dir) / "results.json")
         write_json_atomic(self.path, payload)
