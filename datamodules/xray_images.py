@@ -65,13 +65,18 @@ def load_xray(path: str | Path, min_side: int | None = None) -> np.ndarray:
     return gray
 
 
-def to_channels(gray: np.ndarray, in_chans: int) -> np.ndarray:
-    """``(H, W)`` uint8 -> ``(H, W, in_chans)``: 1 keeps the channel, 3 replicates it."""
+def to_channels(image: np.ndarray, in_chans: int) -> np.ndarray:
+    """uint8 image -> ``(H, W, in_chans)``: a gray ``(H, W)`` image keeps its channel (1) or is
+    replicated (3); an ``(H, W, in_chans)`` image is returned as is; RGB -> 1 channel is luma."""
     if in_chans not in (1, 3):
         raise ValueError(f"in_chans must be 1 or 3 for grayscale X-rays (data.in_chans), got {in_chans}")
-    if gray.ndim == 3:
-        gray = gray[..., 0]
-    return np.repeat(gray[..., None], in_chans, axis=2)
+    if image.ndim == 3 and image.shape[2] == in_chans:
+        return image
+    if image.ndim == 3 and image.shape[2] == 3:  # RGB -> gray (ITU-R 601, as PIL's "L")
+        image = np.rint(image @ np.array([0.299, 0.587, 0.114])).clip(0, 255).astype(np.uint8)
+    elif image.ndim == 3:
+        image = image[..., 0]
+    return np.repeat(image[..., None], in_chans, axis=2)
 
 
 def preload_xrays(paths: Sequence[str], image_size: int, workers: int = 4) -> list[np.ndarray]:
