@@ -88,9 +88,10 @@ def render_text_tied(findings: np.ndarray, codes: np.ndarray, basis: np.ndarray,
 
 
 def write_text_tied_chestxray14(root: Path, label_vectors: torch.Tensor, n_patients: int = 400, seed: int = 0,
-                                image_size: int = 32, n_codes: int = 8, strength: float = 0.25) -> Path:
+                                image_size: int = 32, n_codes: int = 8, strength: float = 0.25,
+                                test_fraction: float = 0.25) -> Path:
     """A synthetic ChestX-ray14 whose image signal is a linear function of the labels' text vectors."""
-    write_chestxray14(root, n_patients=n_patients, seed=seed, image_size=image_size)
+    write_chestxray14(root, n_patients=n_patients, seed=seed, image_size=image_size, test_fraction=test_fraction)
     codes, basis = text_codes(label_vectors, n_codes), blob_basis(n_codes, image_size)
     table = pd.read_csv(root / "Data_Entry_2017.csv")
     files = {p.name: p for p in root.glob("images*/**/*.png")}
@@ -120,7 +121,7 @@ def run_row(key: str, data_dir: Path, runs_dir: Path, args, seed: int) -> dict:
         "--trainer.log_every_n_steps=5", "--trainer.enable_progress_bar=false", "--wandb=disabled",
         f"--model.lr={args.lr}", *extra,
     ])
-    (run,) = sorted((runs_dir / experiment / "stage1").iterdir())
+    run = sorted((runs_dir / experiment / "stage1").iterdir())[-1]  # this call's run (folders are UTC-named)
     return json.loads((run / "results.json").read_text())["metrics"]
 
 
@@ -142,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/gzsl_table", help="data sets and runs go here")
     parser.add_argument("--n_patients", type=int, default=400)
     parser.add_argument("--image_size", type=int, default=32)
+    parser.add_argument("--test_fraction", type=float, default=0.4, help="patients in the test list (more: steadier unseen AUROC)")
     parser.add_argument("--n_codes", type=int, default=8, help="principal text directions drawn into the images")
     parser.add_argument("--strength", type=float, default=0.25)
     parser.add_argument("--backbone", default="resnet10t")
@@ -158,16 +160,18 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     vectors = label_embeddings(list(CHESTXRAY14_LABELS), REPO / "experiments/chestxray14/labels.yaml",
                                text_encoder=args.text_encoder)
-    tied = out / f"tied-p{args.n_patients}-s{args.image_size}-k{args.n_codes}"
+    tied = out / f"tied-p{args.n_patients}-s{args.image_size}-k{args.n_codes}-t{args.test_fraction}"
     if not (tied / "Data_Entry_2017.csv").is_file():
-        write_text_tied_chestxray14(tied, vectors, args.n_patients, 0, args.image_size, args.n_codes, args.strength)
+        write_text_tied_chestxray14(tied, vectors, args.n_patients, 0, args.image_size, args.n_codes, args.strength,
+                                    args.test_fraction)
     runs_dir = out / "runs"
     results = [("chance (random scores)", chance_row(tied, args.unseen), 1)]
     plan = [(ROWS[key][0], key, tied) for key in args.rows]
     if args.control:
-        untied = out / f"untied-p{args.n_patients}-s{args.image_size}"
+        untied = out / f"untied-p{args.n_patients}-s{args.image_size}-t{args.test_fraction}"
         if not (untied / "Data_Entry_2017.csv").is_file():
-            write_chestxray14(untied, n_patients=args.n_patients, seed=0, image_size=args.image_size)
+            write_chestxray14(untied, n_patients=args.n_patients, seed=0, image_size=args.image_size,
+                              test_fraction=args.test_fraction)
         plan.append(("control: cross-modal wfe, images NOT tied to text", "cm_wfe", untied))
     for name, key, data_dir in plan:
         per_seed = [run_row(key, data_dir, runs_dir, args, seed) for seed in args.seeds]

@@ -81,6 +81,7 @@ class LossSpy(torch.nn.Module):
         return self.loss(embeddings, prototypes, targets)
 
 
+@pytest.mark.slow  # a short Trainer.fit
 @pytest.mark.parametrize("loss", ["weighted_focused_euclidean", "dual_weighted_metric"])
 def test_gzsl_training_sees_no_unseen_positive_and_no_unseen_prototype(chestxray14_root, tiny_encoder, tmp_path, loss):
     data = ChestXray14DataModule(str(chestxray14_root), image_size=32, batch_size=16, unseen_labels=list(DEFAULT_UNSEEN),
