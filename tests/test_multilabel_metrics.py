@@ -92,3 +92,29 @@ def test_wrong_shapes_are_refused():
         metric.update(torch.zeros(3, 4), torch.zeros(3, 4))
     with pytest.raises(ValueError, match="shape"):
         metric.set_thresholds(torch.zeros(3))
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_equal_one_process(tmp_path):
+    """Under DDP (2 gloo processes, uneven shards) every value equals the single-process one."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+    from tests.ddp.multilabel_sync import NAMES as SYNC_NAMES
+    from tests.ddp.multilabel_sync import data
+
+    out = tmp_path / "sync.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "tests.ddp.multilabel_sync", str(out)], cwd=REPO, env=env, check=True, timeout=300)
+    synced = json.loads(out.read_text())
+    scores, targets = data()
+    thresholds = choose_f1_thresholds(scores, targets)
+    single = MultiLabelMetrics(SYNC_NAMES, thresholds=thresholds)
+    single.update(scores, targets)
+    expected = single.compute()
+    assert synced["rows"] == len(scores)
+    assert synced["thresholds"] == pytest.approx(thresholds.tolist())
+    assert synced["values"] == pytest.approx(expected)

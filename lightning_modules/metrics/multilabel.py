@@ -150,7 +150,7 @@ class MultiLabelMetrics(Metric):
 
     def scores_and_targets(self) -> tuple[Tensor, Tensor]:
         """All accumulated (scores, targets) on this process (synced inside ``compute``)."""
-        if not self.scores:
+        if isinstance(self.scores, list) and not self.scores:  # synced states are tensors
             n = len(self.label_names)
             return torch.zeros(0, n), torch.zeros(0, n)
         return dim_zero_cat(self.scores).cpu(), dim_zero_cat(self.targets).cpu()
