@@ -109,10 +109,13 @@ def write_text_tied_chestxray14(root: Path, label_vectors: torch.Tensor, n_patie
 def run_row(key: str, data_dir: Path, runs_dir: Path, args, seed: int) -> dict:
     from experiments.cli import main
 
+    experiment = f"{data_dir.name}-{key}-seed{seed}"
+    done = sorted((runs_dir / experiment / "stage1").glob("*/results.json"))
+    if args.resume and done:  # a finished run of the same row, data and seed
+        return json.loads(done[-1].read_text())["metrics"]
     _, config, extra = ROWS[key]
     if key.startswith("cm_"):
         extra = [*extra, f"--model.text_encoder={args.text_encoder}"]
-    experiment = f"{data_dir.name}-{key}-seed{seed}"
     main([
         "fit", "--config", str(REPO / config), f"--data.data_dir={data_dir}", f"--runs_dir={runs_dir}",
         f"--experiment={experiment}", f"--seed_everything={seed}", f"--model.backbone={args.backbone}",
@@ -154,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--unseen", nargs="+", default=list(DEFAULT_UNSEEN))
     parser.add_argument("--control", action="store_true", help="also run cross-modal (wfe) on the untied synthetic set")
+    parser.add_argument("--resume", action="store_true", help="reuse finished runs of the same row, data and seed")
     parser.add_argument("--text_encoder", default=DEFAULT_TEXT_ENCODER, help="for the data's codes and the model")
     args = parser.parse_args(argv)
     out = Path(args.out)
