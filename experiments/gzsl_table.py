@@ -1,7 +1,7 @@
 """Synthetic generalised zero-shot (GZSL) table: seen / unseen / harmonic test AUROC.
 
-    python -m experiments.gzsl_table                      # about 10 minutes on 2 CPU cores
-    python -m experiments.gzsl_table --epochs 3 --n_patients 200 --rows cm_wfe  # quicker
+    python -m experiments.gzsl_table --seeds 0 1 --control   # the README table: ~30 min on 2 busy CPU cores
+    python -m experiments.gzsl_table --epochs 3 --n_patients 200 --rows cm_wfe   # ~2 minutes
 
 Zero-shot on synthetic data can only beat chance if an image's signal is tied to its labels'
 TEXT: with :func:`write_text_tied_chestxray14` each finding draws a pattern that is a linear
