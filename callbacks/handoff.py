@@ -134,16 +134,17 @@ def load_submodule_state(module: torch.nn.Module, path: str | Path) -> None:
 def stage1_manifest(folder: Path, stage1, state: dict, class_counts, split_sha256: str) -> dict[str, Any]:
     """Save a stage-1 model's backbone, head and projector weights to ``folder`` and return the
     manifest fields stage 2 needs (the callback adds where they came from)."""
-    paths = {prefix: save_submodule_state(state, prefix, folder) for prefix in ("backbone", "head", "projector")}
+    present = [p for p in ("backbone", "head", "projector") if isinstance(getattr(stage1, p, None), torch.nn.Module)]
+    paths = {prefix: save_submodule_state(state, prefix, folder) for prefix in present}  # absent -> None
     return {
         "format": MANIFEST_FORMAT,
         "backbone_weights": str(paths["backbone"]),
         "backbone_weights_sha256": file_sha256(paths["backbone"]),
         "backbone": stage1.backbone_config(),
         "feature_dim": stage1.feature_dim,
-        "head_weights": str(paths["head"]),
-        "projector_weights": str(paths["projector"]),
-        "embedding_dim": stage1.hparams.embedding_dim,
+        "head_weights": str(paths["head"]) if "head" in paths else None,
+        "projector_weights": str(paths["projector"]) if "projector" in paths else None,
+        "embedding_dim": stage1.hparams.get("embedding_dim"),
         "class_names": list(stage1.class_names),
         "class_counts": list(class_counts),
         "split_sha256": split_sha256,

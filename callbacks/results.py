@@ -52,6 +52,7 @@ class ResultsWriter(Callback):
             "confusion_matrix": getattr(pl_module, "test_confusion", None),
             "dataset_fingerprint": datamodule.fingerprint() if hasattr(datamodule, "fingerprint") else None,
             "skipped_images": getattr(datamodule, "skipped_images", 0),
+            **getattr(pl_module, "results_extra", {}),  # multi-label: task, GZSL labels, F1 thresholds
         }
         self.path = next_free(Path(trainer.default_root_dir) / "results.json")
         # test once per run: a re-test is kept apart (results.<n>.json), the report reads results.json only

@@ -278,3 +278,5 @@ def _write_csv(path: pathlib.Path, header: Sequence[str], rows) -> None:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(header)
         writer.writerows(rows)
+
+from datamodules.synthetic_chestxray import write_chestxray14  # noqa: E402,F401  (ChestX-ray14 format)

@@ -42,6 +42,20 @@ def histopathology_preset(image_size: int) -> list[A.BasicTransform]:
     ]
 
 
+def cxr_preset(image_size: int) -> list[A.BasicTransform]:
+    """Chest X-ray: small affine jitter (patient positioning) and exposure changes only.
+
+    No vertical flip (radiographs are never upside down) and no horizontal flip either: the
+    heart lies on the patient's left, and flipping would create dextrocardia-like images and
+    move left/right-sided findings (cardiomegaly, unilateral effusion) to the wrong side.
+    """
+    return [
+        A.Resize(image_size, image_size),
+        A.Affine(scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), rotate=(-7, 7), border_mode=0, p=0.7),
+        A.RandomBrightnessContrast(brightness_limit=0.15, contrast_limit=0.15, p=0.7),
+    ]
+
+
 def no_augmentation(image_size: int) -> list[A.BasicTransform]:
     """Resize only: used for evaluation and for feature extraction in stage 2."""
     return [A.Resize(image_size, image_size)]
@@ -50,6 +64,7 @@ def no_augmentation(image_size: int) -> list[A.BasicTransform]:
 PRESETS: dict[str, Callable[[int], list[A.BasicTransform]]] = {
     "dermoscopy": dermoscopy_preset,
     "histopathology": histopathology_preset,
+    "cxr": cxr_preset,
     "none": no_augmentation,
 }
 

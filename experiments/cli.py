@@ -46,7 +46,13 @@ from experiments.wandb_mode import WANDB_MODES, wandb_offline  # noqa: E402
 from lightning_modules.classifier_base import MONITOR  # noqa: E402
 
 RUN_DIR_ENV = "MEDMETRIC_RUN_DIR"  # lets DDP worker processes join rank zero's run folder
-STAGE_OF_MODEL = {"MetricPretrainModule": "stage1", "RebalancedHeadModule": "stage2"}
+STAGE_OF_MODEL = {
+    "MetricPretrainModule": "stage1",
+    "RebalancedHeadModule": "stage2",
+    "MultiLabelPretrainModule": "stage1",
+    "MultiLabelHeadModule": "stage2",
+    "CrossModalModule": "stage1",
+}
 
 # Lightning warnings that are expected in this layout: the run folder already holds config and
 # W&B files when the CSV logger starts (it removes only an old metrics.csv, which a fresh run
@@ -139,7 +145,7 @@ class MedMetricCLI(LightningCLI):
                 dirpath=run_dir / "checkpoints",
                 filename="best-epoch{epoch:03d}",
                 auto_insert_metric_name=False,
-                monitor=MONITOR,
+                monitor=getattr(self.model, "monitor", MONITOR),  # multi-label: val/mean_auroc
                 mode="max",
                 save_last=True,
             ),

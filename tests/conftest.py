@@ -12,7 +12,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("WANDB_MODE", "disabled")  # tests that check W&B unset it themselves
 
-from datamodules.synthetic import write_ham10000, write_isic2019  # noqa: E402
+from datamodules.synthetic import write_chestxray14, write_ham10000, write_isic2019  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_HAM10000 = REPO.parent / "shared" / "data" / "ham10000"
@@ -27,6 +27,13 @@ def ham_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def isic_root(tmp_path_factory) -> Path:
     return write_isic2019(tmp_path_factory.mktemp("isic") / "isic2019", n_images=300, seed=0)
+
+
+@pytest.fixture(scope="session")
+def chestxray14_root(tmp_path_factory) -> Path:
+    """A synthetic ChestX-ray14 (100 patients, ~220 gray 64 px PNGs, images_00*/images layout,
+    some images with only GZSL-unseen findings); copy it before changing it."""
+    return write_chestxray14(tmp_path_factory.mktemp("cxr") / "chestxray14", n_patients=100, seed=0)
 
 
 @pytest.fixture

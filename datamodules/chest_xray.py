@@ -1,0 +1,353 @@
+"""ChestX-ray14 (Wang et al., CVPR 2017) in its published on-disk format, multi-label.
+
+Layout read (``data_dir``)::
+
+    Data_Entry_2017_v2020.csv or Data_Entry_2017.csv   Image Index, Finding Labels, Patient ID, ...
+    train_val_list.txt, test_list.txt                  the official patient-wise split
+    images/*.png  and/or  images_*/images/*.png        (NIH box download / Kaggle layout)
+
+``Finding Labels`` is split on ``|``; ``No Finding`` is the all-zero row. The official test list
+is the test set; validation is carved from ``train_val_list.txt`` by Patient ID (a patient's
+images stay together), so no patient is in two splits. Batches are ``(image [C, H, W] float,
+target [14] float32 multi-hot)``.
+
+Generalised zero-shot mode (``unseen_labels``): in train and val the unseen columns are zeroed
+and images whose only findings are unseen are removed, so neither training nor model selection
+ever sees an unseen label; test keeps every label.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.base import ImageClassificationDataModule, RankShardSampler, read_csv_checked
+from datamodules.splits import SPLITS, check_groups_disjoint, read_split_csv, write_split_csv
+from datamodules.transforms import build_transform
+from datamodules.xray_images import gray_normalisation, load_xray, preload_xrays, to_channels
+
+log = logging.getLogger(__name__)
+
+CHESTXRAY14_LABELS = (
+    "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
+    "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia",
+)  # fmt: skip
+NO_FINDING = "No Finding"
+DEFAULT_UNSEEN = ("Edema", "Pneumonia", "Emphysema", "Fibrosis")  # CXR-ML-GZSL (Hayat et al. 2021)
+METADATA_NAMES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
+TRAIN_VAL_LIST, TEST_LIST = "train_val_list.txt", "test_list.txt"
+REQUIRED_COLUMNS = ("Image Index", "Finding Labels", "Patient ID")
+
+
+class MultiLabelImageDataset(Dataset):
+    """(image tensor, multi-hot float32 target) from X-ray files or preloaded gray arrays."""
+
+    def __init__(self, paths: Sequence[str], targets, transform, images=None, in_chans: int = 3):
+        self.paths = list(paths)
+        self.targets = torch.as_tensor(np.asarray(targets, dtype=np.float32))
+        self.transform = transform
+        self.images = images
+        self.in_chans = in_chans
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        gray = self.images[i] if self.images is not None else load_xray(self.paths[i])
+        return self.transform(image=to_channels(gray, self.in_chans))["image"], self.targets[i]
+
+    def with_transform(self, transform) -> MultiLabelImageDataset:
+        return MultiLabelImageDataset(self.paths, self.targets, transform, self.images, self.in_chans)
+
+
+def parse_finding_labels(findings: pd.Series, path: Path, class_names: Sequence[str] = CHESTXRAY14_LABELS) -> np.ndarray:
+    """``"Effusion|Mass"`` -> multi-hot rows (float32, class_names order); ``No Finding`` -> zeros.
+
+    Unknown names, empty cells and ``No Finding`` mixed with a finding fail with the CSV row.
+    """
+    column = {name: i for i, name in enumerate(class_names)}
+    targets = np.zeros((len(findings), len(class_names)), dtype=np.float32)
+    for row, text in enumerate(findings.tolist()):
+        names = [n.strip() for n in str(text).split("|")] if isinstance(text, str) else [""]
+        if names == [NO_FINDING]:
+            continue
+        bad = [n for n in names if n not in column]
+        if bad:
+            hint = f"'{NO_FINDING}' cannot be combined with findings" if NO_FINDING in bad else f"valid: {list(class_names)} or '{NO_FINDING}'"
+            raise ValueError(
+                f"{path}, row {row + 2}, column 'Finding Labels': {text!r} has unknown label(s) {bad} ({hint}). "
+                "Fix the row or remove it"
+            )
+        targets[row, [column[n] for n in names]] = 1.0
+    return targets
+
+
+def read_image_list(path: Path) -> list[str]:
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"official split list not found: {path}. ChestX-ray14 ships {TRAIN_VAL_LIST} and {TEST_LIST} "
+            "beside Data_Entry_2017.csv; put them in data.data_dir"
+        )
+    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    duplicated = pd.Series(names).duplicated()
+    if duplicated.any():
+        raise ValueError(f"{path}, line {int(np.flatnonzero(duplicated)[0]) + 1}: {names[int(np.flatnonzero(duplicated)[0])]!r} listed twice")
+    return names
+
+
+def locate_xrays(data_dir: Path, names: pd.Series) -> pd.Series:
+    """Map image file names to paths under ``images/`` or ``images_*/images/`` (first hit wins);
+    names not found get the ``images/`` path so the missing-file error can show it."""
+    folders = [data_dir / "images"] + sorted(data_dir.glob("images_*/images"))
+    found: dict[str, str] = {}
+    for folder in folders:
+        if folder.is_dir():
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    found.setdefault(entry.name, entry.path)
+    return names.map(lambda n: found.get(n, str(data_dir / "images" / n)))
+
+
+def patient_split(patients: pd.Series, val_fraction: float, seed: int) -> np.ndarray:
+    """``train``/``val`` per image: patients shuffled (seeded), the first ones laid end to end
+    until ``val_fraction`` of the images are in val; each patient wholly in one split."""
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+    sizes = patients.value_counts().sort_index()
+    order = sizes.index.to_numpy()[np.random.default_rng(seed).permutation(len(sizes))]
+    starts = np.concatenate([[0], np.cumsum(sizes.loc[order].to_numpy())[:-1]]) / len(patients)
+    val = set(order[starts < val_fraction])
+    return np.where(patients.isin(val).to_numpy(), "val", "train")
+
+
+class ChestXray14DataModule(ImageClassificationDataModule):
+    """ChestX-ray14, 14 findings, multi-label; see the module docstring for the layout.
+
+    Args (beyond :class:`ImageClassificationDataModule`'s):
+        in_chans: 1 keeps the gray channel, 3 replicates it (ImageNet-style backbones).
+        unseen_labels: generalised zero-shot: labels held out of train and val (e.g.
+            ``[Edema, Pneumonia, Emphysema, Fibrosis]``); ``None`` = ordinary multi-label.
+        metadata_file: the label CSV's name in ``data_dir`` (default: v2020 file, else 2017).
+        sampler: ``instance`` only (class-aware samplers are single-label).
+    """
+
+    group_key = "patient"
+
+    def __init__(
+        self,
+        data_dir: str,
+        image_size: int = 64,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        val_fraction: float = 0.1,
+        split_seed: int = 42,
+        split_file: str | None = None,
+        augment: str = "cxr",
+        in_chans: int = 3,
+        unseen_labels: list[str] | None = None,
+        metadata_file: str | None = None,
+        sampler: str = "instance",
+        preload: bool = False,
+        num_workers: int = 2,
+        seed: int = 0,
+    ):
+        if sampler != "instance":
+            raise ValueError(
+                f"data.sampler={sampler!r}: multi-label ChestX-ray14 supports only 'instance' sampling "
+                "(class-aware samplers need one label per image); re-balance with the loss instead"
+            )
+        super().__init__(
+            data_dir, image_size=image_size, batch_size=batch_size, eval_batch_size=eval_batch_size,
+            sampler="instance", val_fraction=val_fraction, test_fraction=0.0, split_seed=split_seed,
+            split_file=split_file, augment=augment, preload=preload, num_workers=num_workers, seed=seed,
+        )
+        to_channels(np.zeros((1, 1), np.uint8), in_chans)  # bad in_chans fails now
+        self.in_chans = in_chans
+        self.metadata_file = metadata_file
+        unseen = list(unseen_labels or [])
+        unknown = [n for n in unseen if n not in CHESTXRAY14_LABELS]
+        if unknown or len(set(unseen)) != len(unseen) or len(unseen) >= len(CHESTXRAY14_LABELS):
+            raise ValueError(
+                f"data.unseen_labels={unseen}: unknown {unknown} or repeated names, or no seen label left; "
+                f"choose distinct names among {list(CHESTXRAY14_LABELS)} (spelling as in Finding Labels)"
+            )
+        self.unseen_labels = [n for n in CHESTXRAY14_LABELS if n in unseen]
+        self.seen_labels = [n for n in CHESTXRAY14_LABELS if n not in unseen]
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(CHESTXRAY14_LABELS)
+
+    @property
+    def unseen_idx(self) -> list[int]:
+        return [self.class_names.index(n) for n in self.unseen_labels]
+
+    @property
+    def seen_idx(self) -> list[int]:
+        return [self.class_names.index(n) for n in self.seen_labels]
+
+    # --- index ---------------------------------------------------------------------------------
+    def metadata_path(self) -> Path:
+        if self.metadata_file:
+            return self.data_dir / self.metadata_file
+        for name in METADATA_NAMES:
+            if (self.data_dir / name).is_file():
+                return self.data_dir / name
+        return self.data_dir / METADATA_NAMES[-1]
+
+    def read_index(self) -> pd.DataFrame:
+        """Rows of the official lists: image_id, path, label (Finding Labels), group, official
+        (train_val/test), and ``targets`` (multi-hot) as an attribute of the frame."""
+        path = self.metadata_path()
+        meta = read_csv_checked(path, REQUIRED_COLUMNS, "ChestX-ray14 Data_Entry CSV")
+        for column in REQUIRED_COLUMNS:
+            empty = meta[column].isna()
+            if empty.any():
+                row = int(np.flatnonzero(empty.to_numpy())[0])
+                raise ValueError(f"{path}, row {row + 2}, column {column!r}: empty value; fill it or drop the row")
+        duplicated = meta["Image Index"].duplicated()
+        if duplicated.any():
+            row = int(np.flatnonzero(duplicated.to_numpy())[0])
+            raise ValueError(f"{path}, row {row + 2}: image {meta['Image Index'].iloc[row]!r} is listed twice")
+        official = {}
+        for name, split in ((TRAIN_VAL_LIST, "train_val"), (TEST_LIST, "test")):
+            listed = read_image_list(self.data_dir / name)
+            absent = sorted(set(listed) - set(meta["Image Index"]))
+            if absent:
+                raise ValueError(
+                    f"{self.data_dir / name}: {len(absent)} listed images are not in {path.name} (e.g. {absent[:3]}); "
+                    "use the list files of the same release as the CSV"
+                )
+            both = sorted(set(listed) & set(official))
+            if both:
+                raise ValueError(f"{self.data_dir / name}: {len(both)} images are also in {TRAIN_VAL_LIST} (e.g. {both[:3]})")
+            official.update(dict.fromkeys(listed, split))
+        in_lists = meta["Image Index"].isin(official)
+        if not in_lists.all():
+            log.warning("%s: %d images are in neither official list and are not used", path, int((~in_lists).sum()))
+        meta = meta[in_lists].reset_index(drop=True)
+        table = pd.DataFrame({
+            "image_id": meta["Image Index"],
+            "path": locate_xrays(self.data_dir, meta["Image Index"]),
+            "label": meta["Finding Labels"],
+            "group": meta["Patient ID"].str.strip(),
+            "official": meta["Image Index"].map(official),
+        })
+        table.attrs["targets"] = parse_finding_labels(meta["Finding Labels"], path, self.class_names)
+        return table
+
+    def _indexed_table(self) -> pd.DataFrame:
+        table = self.read_index()
+        targets = table.attrs["targets"]
+        table = super_index_checks(self, table)
+        table.attrs["targets"] = targets
+        return table
+
+    def _new_split(self, table: pd.DataFrame) -> np.ndarray:
+        split = np.full(len(table), "test", dtype=object)
+        train_val = (table["official"] == "train_val").to_numpy()
+        split[train_val] = patient_split(table["group"][train_val], self.val_fraction, self.split_seed)
+        check_groups_disjoint(table["group"], pd.Series(split), source=f"{self.data_dir} official lists")
+        return split
+
+    # --- setup -----------------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        if self.split_file is not None and not self.split_file.exists():
+            table = self._indexed_table()
+            table["split"] = self._new_split(table)
+            write_split_csv(self.split_file, table)
+            log.info("wrote split %s", self.split_file)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.table is not None:
+            return
+        table = self._indexed_table()
+        targets = table.attrs["targets"]
+        if self.split_file is not None and self.split_file.exists():
+            table["split"] = read_split_csv(self.split_file, table).to_numpy()
+            moved = (table["split"] == "test").to_numpy() != (table["official"] == "test").to_numpy()
+            if moved.any():
+                raise ValueError(
+                    f"split file {self.split_file}: {int(moved.sum())} images disagree with the official "
+                    f"{TEST_LIST} (e.g. {table['image_id'][moved].iloc[0]!r}); delete the split file to re-make it"
+                )
+            log.info("reusing split %s", self.split_file)
+        else:
+            table["split"] = self._new_split(table)
+        keep = np.ones(len(table), dtype=bool)
+        if self.unseen_labels:
+            unseen, seen = self.unseen_idx, self.seen_idx
+            only_unseen = (targets[:, unseen].sum(1) > 0) & (targets[:, seen].sum(1) == 0)
+            keep = ~(only_unseen & (table["split"] != "test").to_numpy())
+        self.table = table
+        self.held_out_unseen_only = int((~keep).sum())
+        images = preload_xrays(table["path"].tolist(), self.image_size) if self.preload else None
+        norm = gray_normalisation(self.in_chans)
+        train_tf = build_transform(self.augment, self.image_size, **norm)
+        eval_tf = build_transform("none", self.image_size, **norm)
+        for split in SPLITS:
+            rows = np.flatnonzero((table["split"].to_numpy() == split) & keep)
+            split_targets = targets[rows].copy()
+            if self.unseen_labels and split != "test":
+                split_targets[:, self.unseen_idx] = 0.0
+            if len(rows) == 0:
+                raise ValueError(f"{self.data_dir}: the {split} split is empty; check the official lists and data.val_fraction")
+            self.datasets[split] = MultiLabelImageDataset(
+                table["path"].to_numpy()[rows], split_targets,
+                train_tf if split == "train" else eval_tf,
+                [images[i] for i in rows] if images is not None else None,
+                self.in_chans,
+            )
+
+    # --- what modules read -----------------------------------------------------------------------
+    @property
+    def class_counts(self) -> list[int]:
+        """Positive training images per label (``class_names`` order; 0 for unseen labels)."""
+        self._require_setup()
+        return self.datasets["train"].targets.sum(0).round().long().tolist()
+
+    @property
+    def num_train_images(self) -> int:
+        """Training images, so that negatives per label = num_train_images - class_counts."""
+        self._require_setup()
+        return len(self.datasets["train"])
+
+    def split_sha256(self) -> str:
+        """Content hash of image id -> split, plus the unseen labels (a GZSL split differs)."""
+        self._require_setup()
+        text = "\n".join(f"{i},{s}" for i, s in sorted(zip(self.table["image_id"], self.table["split"], strict=True)))
+        if self.unseen_labels:
+            text += "\nunseen:" + ",".join(self.unseen_labels)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def ordered_dataloader(self, split: str, sharded: bool = True) -> DataLoader:
+        """All of ``split`` in order with the eval transform, sharded by rank unless told not to."""
+        dataset = self.datasets[split]
+        if isinstance(dataset, MultiLabelImageDataset):
+            dataset = dataset.with_transform(build_transform("none", self.image_size, **gray_normalisation(self.in_chans)))
+        world, rank = self._world() if sharded else (1, 0)
+        sampler = RankShardSampler(len(dataset), world, rank)
+        return DataLoader(dataset, batch_size=self.eval_batch_size, sampler=sampler, **self._loader_kwargs())
+
+
+def super_index_checks(datamodule: ImageClassificationDataModule, table: pd.DataFrame) -> pd.DataFrame:
+    """The base class's checks (columns, empty, missing files) on an already-read index."""
+    if table.empty:
+        raise ValueError(f"no images in the official lists of {datamodule.data_dir}")
+    missing = [i for i, p in enumerate(table["path"].tolist()) if not Path(p).is_file()]
+    if missing:
+        ids = table["image_id"].iloc[missing[:5]].tolist()
+        raise FileNotFoundError(
+            f"{len(missing)} of {len(table)} images listed for {datamodule.data_dir} are missing "
+            f"(first ids: {ids}; expected e.g. {table['path'].iloc[missing[0]]} or images_*/images/). "
+            "Extract every images_*.tar.gz archive there, or remove the rows from the CSV and the lists"
+        )
+    return table.reset_index(drop=True)

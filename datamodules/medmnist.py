@@ -1,0 +1,202 @@
+"""MedMNIST v2 2-D data sets (Yang et al., Sci. Data 2023) from their ``.npz`` files.
+
+An npz holds ``train_images``, ``train_labels`` and the same for ``val_`` and ``test_``; the
+official splits are kept as they are. Labels of shape ``(N, 1)`` are single-label (binary or
+multi-class: pneumoniamnist, dermamnist, ...) and work with the single-label pipeline
+(MetricPretrainModule, RebalancedHeadModule, m-per-class and class-balanced samplers); labels
+of shape ``(N, K > 1)`` with 0/1 entries are multi-label (chestmnist) and give multi-hot float
+targets for the multi-label modules. Images (28 px, or 64/128/224 in MedMNIST+) stay in memory
+and are resized to ``image_size`` by the transform; gray images keep one channel
+(``in_chans=1``) or are replicated to three.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from datamodules.base import ImageClassificationDataModule, ImageDataset, RankShardSampler
+from datamodules.chest_xray import CHESTXRAY14_LABELS, MultiLabelImageDataset
+from datamodules.splits import SPLITS, read_split_csv, write_split_csv
+from datamodules.transforms import build_transform
+from datamodules.xray_images import gray_normalisation, to_channels
+
+log = logging.getLogger(__name__)
+
+# Label names of the standard sets (MedMNIST v2 INFO), others get class_0, class_1, ...
+MEDMNIST_CLASS_NAMES: dict[str, list[str]] = {
+    "pneumoniamnist": ["normal", "pneumonia"],
+    "breastmnist": ["malignant", "normal_or_benign"],
+    "dermamnist": ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"],
+    "chestmnist": list(CHESTXRAY14_LABELS),  # same 14 findings, same order as ChestX-ray14
+}
+
+
+def resolve_npz(npz_path: str | None, data_dir: str | None) -> Path:
+    """The npz to read: ``npz_path``, or ``data_dir`` itself if it is an npz, or the single npz
+    in ``data_dir``."""
+    if npz_path:
+        path = Path(npz_path)
+    elif data_dir and Path(data_dir).suffix == ".npz":
+        path = Path(data_dir)
+    elif data_dir and Path(data_dir).is_dir():
+        found = sorted(Path(data_dir).glob("*.npz"))
+        if len(found) != 1:
+            raise FileNotFoundError(
+                f"{data_dir} holds {len(found)} .npz files ({[f.name for f in found]}); pass the one to use "
+                "with data.npz_path"
+            )
+        path = found[0]
+    else:
+        raise FileNotFoundError(f"MedMNIST data not found: data.data_dir={data_dir!r}, data.npz_path={npz_path!r}")
+    if not path.is_file():
+        raise FileNotFoundError(f"MedMNIST npz not found: {path} (data.npz_path / data.data_dir)")
+    return path
+
+
+def read_medmnist(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{split: (images uint8 (N, H, W[, 3]), labels int64 (N, K))}`` with checked shapes."""
+    with np.load(path, allow_pickle=False) as npz:
+        missing = [f"{s}_{k}" for s in SPLITS for k in ("images", "labels") if f"{s}_{k}" not in npz.files]
+        if missing:
+            raise ValueError(f"{path}: missing arrays {missing} (found {npz.files}); expected MedMNIST's train_/val_/test_ images and labels")
+        data = {s: (npz[f"{s}_images"], npz[f"{s}_labels"]) for s in SPLITS}
+    for split, (images, labels) in data.items():
+        if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] != 3):
+            raise ValueError(f"{path}: {split}_images must be uint8 (N, H, W) or (N, H, W, 3), got {images.dtype} {images.shape}")
+        labels = labels.reshape(len(labels), -1) if labels.ndim == 1 else labels
+        if labels.ndim != 2 or len(labels) != len(images):
+            raise ValueError(f"{path}: {split}_labels shape {labels.shape} does not match {split}_images {images.shape}")
+        if (labels < 0).any():
+            row = int(np.argwhere(labels < 0)[0][0])
+            raise ValueError(f"{path}: {split}_labels row {row} holds a negative label {labels[row].tolist()}")
+        data[split] = (images, labels.astype(np.int64))
+    widths = {labels.shape[1] for _, labels in data.values()}
+    if len(widths) != 1:
+        raise ValueError(f"{path}: label widths differ between splits: {sorted(widths)}")
+    return data
+
+
+class MedMNISTDataModule(ImageClassificationDataModule):
+    """Any 2-D MedMNIST npz, official splits; single-label or multi-label from the labels' shape.
+
+    Args (beyond :class:`ImageClassificationDataModule`'s):
+        data_dir: a folder with one ``<flag>.npz`` (e.g. ../shared/data/pneumoniamnist), or the npz.
+        npz_path: the npz itself (wins over ``data_dir``).
+        in_chans: 1 keeps gray images single-channel, 3 replicates them (RGB sets need 3).
+        class_names: override the label names (default: the table above, else ``class_<i>``).
+    """
+
+    group_key = "image"  # MedMNIST has no patient ids; the official split is used as is
+
+    def __init__(
+        self,
+        data_dir: str | None = None,
+        npz_path: str | None = None,
+        image_size: int = 28,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        sampler: str = "instance",
+        m_per_class: int = 4,
+        split_file: str | None = None,
+        augment: str = "none",
+        in_chans: int = 3,
+        class_names: list[str] | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+    ):
+        self.npz_path = resolve_npz(npz_path, data_dir)
+        super().__init__(
+            str(self.npz_path.parent), image_size=image_size, batch_size=batch_size, eval_batch_size=eval_batch_size,
+            sampler=sampler, m_per_class=m_per_class, split_file=split_file, augment=augment, num_workers=num_workers, seed=seed,
+        )
+        to_channels(np.zeros((1, 1), np.uint8), in_chans)
+        self.in_chans = in_chans
+        self.flag = re.sub(r"_\d+$", "", self.npz_path.stem)  # pneumoniamnist_64 -> pneumoniamnist
+        self.arrays = read_medmnist(self.npz_path)
+        width = next(iter(self.arrays.values()))[1].shape[1]
+        self.multilabel = width > 1
+        if self.multilabel:
+            if sampler != "instance":
+                raise ValueError(f"data.sampler={sampler!r}: {self.npz_path.name} is multi-label; use 'instance'")
+            bad = [s for s, (_, y) in self.arrays.items() if (y > 1).any()]
+            if bad:
+                raise ValueError(f"{self.npz_path}: multi-label {bad[0]}_labels must hold only 0/1")
+            count = width
+        else:
+            count = int(max(y.max() for _, y in self.arrays.values())) + 1
+        names = class_names or MEDMNIST_CLASS_NAMES.get(self.flag) or [f"class_{i}" for i in range(count)]
+        if len(names) != count:
+            raise ValueError(f"{self.npz_path}: {count} classes in the labels but {len(names)} names {names} (data.class_names)")
+        self._class_names = list(names)
+        self.unseen_labels: list[str] = []  # multi-label modules read this (no GZSL here)
+
+    @property
+    def class_names(self) -> list[str]:
+        return self._class_names
+
+    @property
+    def seen_labels(self) -> list[str]:
+        return list(self._class_names)
+
+    def _official_table(self) -> pd.DataFrame:
+        rows = []
+        for split, (_, labels) in self.arrays.items():
+            ids = [f"{split}_{i:06d}" for i in range(len(labels))]
+            text = ["|".join(self._class_names[j] for j in np.flatnonzero(y)) if self.multilabel else self._class_names[y[0]] for y in labels]
+            rows.append(pd.DataFrame({"image_id": ids, "group": ids, "label": text, "split": split}))
+        return pd.concat(rows, ignore_index=True)
+
+    def prepare_data(self) -> None:
+        if self.split_file is not None and not self.split_file.exists():
+            write_split_csv(self.split_file, self._official_table())
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.table is not None:
+            return
+        table = self._official_table()
+        if self.split_file is not None and self.split_file.exists():
+            saved = read_split_csv(self.split_file, table)
+            if (saved.to_numpy() != table["split"].to_numpy()).any():
+                raise ValueError(f"split file {self.split_file} differs from {self.npz_path.name}'s official split; delete it")
+        if not self.multilabel:
+            self._check_every_class_in_every_split(table)
+        self.table = table
+        norm = gray_normalisation(self.in_chans)
+        train_tf = build_transform(self.augment, self.image_size, **norm)
+        eval_tf = build_transform("none", self.image_size, **norm)
+        for split, (images, labels) in self.arrays.items():
+            ids = table["image_id"][table["split"] == split].tolist()
+            pixels = [to_channels(image, self.in_chans) for image in images]
+            transform = train_tf if split == "train" else eval_tf
+            if self.multilabel:
+                self.datasets[split] = MultiLabelImageDataset(ids, labels.astype(np.float32), transform, pixels, self.in_chans)
+            else:
+                self.datasets[split] = ImageDataset(ids, labels[:, 0], transform, pixels)
+
+    @property
+    def class_counts(self) -> list[int]:
+        """Training images per class (single-label) or positives per label (multi-label)."""
+        self._require_setup()
+        if self.multilabel:
+            return self.datasets["train"].targets.sum(0).round().long().tolist()
+        return torch.bincount(self.datasets["train"].targets, minlength=self.num_classes).tolist()
+
+    @property
+    def num_train_images(self) -> int:
+        self._require_setup()
+        return len(self.datasets["train"])
+
+    def ordered_dataloader(self, split: str, sharded: bool = True) -> DataLoader:
+        dataset = self.datasets[split]
+        if not isinstance(dataset, MultiLabelImageDataset):
+            return super().ordered_dataloader(split, sharded)
+        dataset = dataset.with_transform(build_transform("none", self.image_size, **gray_normalisation(self.in_chans)))
+        world, rank = self._world() if sharded else (1, 0)
+        return DataLoader(dataset, batch_size=self.eval_batch_size, sampler=RankShardSampler(len(dataset), world, rank), **self._loader_kwargs())

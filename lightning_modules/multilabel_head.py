@@ -1,0 +1,97 @@
+"""Stage 2 for multi-label data: a fresh linear head on a frozen stage-1 backbone, trained with
+a (re-balancing) multi-label loss -- the multi-label analogue of cRT (Kang et al., ICLR 2020).
+
+The backbone comes from a stage-1 handoff manifest (callbacks/handoff.py): from
+MultiLabelPretrainModule or from the cross-modal module, which publish the same format
+(backbone weights, backbone config, feature_dim). Only the backbone is reused; the stage-1
+head or projector is not, so the stage-1 scoring rule does not matter. The backbone stays in
+eval mode (BatchNorm statistics frozen). Re-balancing comes from the loss (``pos_weight``,
+class-balanced, asymmetric, logit-adjusted), since class-aware samplers need one label per image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from callbacks.handoff import check_manifest, read_manifest
+from lightning_modules.backbones import create_backbone, load_backbone_weights
+from lightning_modules.heads import LinearHead
+from lightning_modules.losses.multilabel import MULTILABEL_LOSSES
+from lightning_modules.multilabel import MultiLabelClassifierModule
+from lightning_modules.multilabel_pretrain import loss_from_datamodule
+
+
+class MultiLabelHeadModule(MultiLabelClassifierModule):
+    """Frozen stage-1 backbone + new linear head + multi-label loss.
+
+    Args:
+        class_names: must equal the stage-1 label list (checked against the manifest).
+        handoff: stage-1 ``handoff.json``; the CLI fills in ``runs/<experiment>/handoff.json``.
+        loss, loss_kwargs: a name of ``MULTILABEL_LOSSES`` and its arguments.
+        backbone: optional, only to assert the expected stage-1 backbone name.
+    """
+
+    def __init__(
+        self,
+        class_names: Sequence[str],
+        handoff: str | None = None,
+        loss: str = "asymmetric",
+        loss_kwargs: dict | None = None,
+        backbone: str | None = None,
+        optimizer: str = "adamw",
+        lr: float = 0.01,
+        weight_decay: float = 1e-4,
+    ):
+        super().__init__(class_names)
+        if loss not in MULTILABEL_LOSSES:
+            raise ValueError(f"unknown multi-label loss {loss!r} (model.loss); valid: {sorted(MULTILABEL_LOSSES)}")
+        if not handoff:
+            raise ValueError(
+                "model.handoff is not set: pass --experiment=<stage-1 experiment> (the CLI then reads "
+                "runs/<experiment>/handoff.json) or --model.handoff=<path to handoff.json>"
+            )
+        self.save_hyperparameters()
+        self.manifest = read_manifest(handoff)
+        check_manifest(self.manifest, class_names=self.class_names, backbone=backbone)
+        config = self.manifest["backbone"]
+        self.backbone, self.feature_dim = create_backbone(config["name"], config["in_chans"], **config["kwargs"])
+        if self.feature_dim != self.manifest["feature_dim"]:
+            raise ValueError(f"{self.manifest['path']}: feature_dim {self.manifest['feature_dim']} != rebuilt backbone's {self.feature_dim}")
+        load_backbone_weights(self.backbone, self.manifest["backbone_weights"])
+        self.backbone.requires_grad_(False)
+        self.backbone.eval()
+        self.head = LinearHead(self.feature_dim, self.num_classes)
+        self.loss = None  # built in setup(): it needs the training counts
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        datamodule = self.trainer.datamodule
+        check_manifest(self.manifest, class_names=datamodule.class_names, split_sha256=datamodule.split_sha256())
+        self.loss = loss_from_datamodule(self, self.hparams.loss, self.hparams.loss_kwargs)
+
+    def train(self, mode: bool = True):
+        """Lightning calls ``train()`` every epoch; the frozen backbone must stay in eval mode."""
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    def backbone_config(self) -> dict:
+        return dict(self.manifest["backbone"])
+
+    def forward(self, images: Tensor) -> Tensor:
+        with torch.no_grad():
+            features = self.backbone(images)
+        return self.head(features)
+
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        images, targets = batch
+        loss = self.loss(*self.restrict_to_seen(self(images), targets))
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=len(targets))
+        return loss
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        return self.make_optimizer(self.head.parameters(), hp.optimizer, hp.lr, hp.weight_decay)

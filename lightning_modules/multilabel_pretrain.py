@@ -1,0 +1,81 @@
+"""Stage 1 / one-stage baseline for multi-label chest X-rays: timm backbone + linear head,
+trained with a multi-label loss (lightning_modules/losses/multilabel.py).
+
+    scores = head(backbone(x)),   loss = MULTILABEL_LOSSES[loss](scores[:, seen], y[:, seen])
+
+In GZSL mode the unseen labels' columns are left out of the loss (their targets are zero in
+training anyway); a linear head cannot score an unseen label, so its unseen AUROC is the
+reference a cross-modal model has to beat.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor
+
+from lightning_modules.backbones import create_backbone
+from lightning_modules.heads import LinearHead
+from lightning_modules.losses.multilabel import MULTILABEL_LOSSES, build_multilabel_loss
+from lightning_modules.multilabel import MultiLabelClassifierModule
+
+
+def loss_from_datamodule(module: MultiLabelClassifierModule, name: str, kwargs: dict | None):
+    """Build the named loss from the DataModule's training counts, on the seen labels."""
+    datamodule = getattr(module.trainer, "datamodule", None)
+    if datamodule is None or not hasattr(datamodule, "num_train_images"):
+        raise ValueError(
+            f"{type(module).__name__} needs a multi-label DataModule with class_counts and num_train_images "
+            "(e.g. datamodules.chest_xray.ChestXray14DataModule)"
+        )
+    counts = [datamodule.class_counts[i] for i in module.seen_idx]
+    return build_multilabel_loss(name, counts, datamodule.num_train_images, **(kwargs or {}))
+
+
+class MultiLabelPretrainModule(MultiLabelClassifierModule):
+    """timm backbone + linear head + multi-label loss (the BCE baseline, or a re-balancing loss)."""
+
+    def __init__(
+        self,
+        class_names: Sequence[str],
+        backbone: str = "resnet18",
+        in_chans: int = 3,
+        pretrained_path: str | None = None,
+        backbone_kwargs: dict | None = None,
+        loss: str = "bce",
+        loss_kwargs: dict | None = None,
+        optimizer: str = "adamw",
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+    ):
+        super().__init__(class_names)
+        if loss not in MULTILABEL_LOSSES:
+            raise ValueError(f"unknown multi-label loss {loss!r} (model.loss); valid: {sorted(MULTILABEL_LOSSES)}")
+        self.save_hyperparameters()
+        self.backbone, self.feature_dim = create_backbone(
+            backbone, in_chans=in_chans, pretrained_path=pretrained_path, **(backbone_kwargs or {})
+        )
+        self.head = LinearHead(self.feature_dim, self.num_classes)
+        self.loss = None  # built in setup(): it needs the training counts
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        self.loss = loss_from_datamodule(self, self.hparams.loss, self.hparams.loss_kwargs)
+
+    def backbone_config(self) -> dict:
+        """What stage 2 needs to rebuild the same backbone (weights come from the checkpoint)."""
+        hp = self.hparams
+        return {"name": hp.backbone, "in_chans": hp.in_chans, "kwargs": dict(hp.backbone_kwargs or {})}
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.head(self.backbone(images))
+
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        images, targets = batch
+        loss = self.loss(*self.restrict_to_seen(self(images), targets))
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=len(targets))
+        return loss
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        return self.make_optimizer(self.parameters(), hp.optimizer, hp.lr, hp.weight_decay)
