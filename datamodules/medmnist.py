@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from datamodules.base import ImageClassificationDataModule, ImageDataset, RankShardSampler
 from datamodules.chest_xray import CHESTXRAY14_LABELS, MultiLabelImageDataset
+from datamodules.integrity import dataset_fingerprint
 from datamodules.splits import SPLITS, read_split_csv, write_split_csv
 from datamodules.transforms import build_transform
 from datamodules.xray_images import gray_normalisation, to_channels
@@ -179,6 +180,14 @@ class MedMNISTDataModule(ImageClassificationDataModule):
                 self.datasets[split] = MultiLabelImageDataset(ids, labels.astype(np.float32), transform, pixels, self.in_chans)
             else:
                 self.datasets[split] = ImageDataset(ids, labels[:, 0], transform, pixels)
+
+    def fingerprint(self) -> str:
+        """Every image lives in the one npz: its name and size stand for each image's file."""
+        self._require_setup()
+        if getattr(self, "_fingerprint", None) is None:
+            table = self.table.assign(path=str(self.npz_path))
+            self._fingerprint = dataset_fingerprint(table, self.npz_path.parent, table["split"])
+        return self._fingerprint
 
     @property
     def class_counts(self) -> list[int]:

@@ -3,22 +3,21 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import lightning as L
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_modules.checkpoint_check import check_checkpoint_matches
 from lightning_modules.losses.distributed import gather_across_ranks
-from lightning_modules.lr_scaling import global_batch_size, scaled_lr
 from lightning_modules.metrics import ClassificationMetrics
+from lightning_modules.optimization import OptimizerMixin
 
-OPTIMIZERS = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 MONITOR = "val/balanced_accuracy"  # model selection: validation only, never test
 
 
-class ClassifierModule(L.LightningModule):
+class ClassifierModule(OptimizerMixin, L.LightningModule):
     """A LightningModule whose ``forward(images)`` returns class logits.
 
     Shot groups (many/medium/few-shot accuracy) use the training counts: many > ``many_shot_threshold``
@@ -95,23 +94,3 @@ class ClassifierModule(L.LightningModule):
         trainer = self._trainer
         where = getattr(trainer, "ckpt_path", None) if trainer is not None else None
         check_checkpoint_matches(checkpoint, self.hparams, type(self).__name__, where)
-
-    def batch_scaled_lr(self, lr: float) -> float:
-        """``lr`` scaled to the global batch by ``model.lr_scaling`` (lightning_modules/lr_scaling.py)."""
-        rule = self.hparams.get("lr_scaling", "none")
-        batch = global_batch_size(self.trainer)
-        if rule == "none" or batch is None:
-            return scaled_lr(lr, rule, 1, 1)  # validates the rule name
-        return scaled_lr(lr, rule, batch, self.hparams.get("base_batch_size", 256))
-
-    def make_optimizer(self, params: Iterable[nn.Parameter] | list[dict], name: str, lr: float, weight_decay: float):
-        """Optimiser (over parameters or parameter groups) plus a per-step cosine decay."""
-        if name not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {name!r} (model.optimizer); valid: {sorted(OPTIMIZERS)}")
-        extra = {"momentum": 0.9} if name == "sgd" else {}
-        factor = self.batch_scaled_lr(1.0)  # the rules are linear in lr; groups with their own lr scale too
-        params = [{**g, "lr": g["lr"] * factor} if isinstance(g, dict) and "lr" in g else g for g in params]
-        optimizer = OPTIMIZERS[name](params, lr=lr * factor, weight_decay=weight_decay, **extra)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

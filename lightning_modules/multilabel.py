@@ -18,17 +18,17 @@ logits, or negative distances to label prototypes) and ``training_step``. This b
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import lightning as L
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from lightning_modules.classifier_base import ClassifierModule
 from lightning_modules.metrics.multilabel import MultiLabelMetrics, choose_f1_thresholds, gzsl_auroc
+from lightning_modules.optimization import OptimizerMixin
 
 
-class MultiLabelClassifierModule(L.LightningModule):
+class MultiLabelClassifierModule(OptimizerMixin, L.LightningModule):
     """Base of the multi-label modules; see the module docstring."""
 
     monitor = "val/mean_auroc"  # the CLI's ModelCheckpoint reads this (mode max)
@@ -123,11 +123,7 @@ class MultiLabelClassifierModule(L.LightningModule):
         # NaN (a label without positives in the split) cannot be monitored; log only numbers
         self.log_dict({f"{prefix}/{k}": v for k, v in values.items() if not math.isnan(v)})
 
-    # --- optimisation ------------------------------------------------------------------------------
-    def make_optimizer(self, params: Iterable[nn.Parameter] | list[dict], name: str, lr: float, weight_decay: float):
-        """The single-label modules' optimiser + per-step cosine decay (classifier_base.py)."""
-        return ClassifierModule.make_optimizer(self, params, name, lr, weight_decay)
-
+    # --- GZSL ----------------------------------------------------------------------------------------
     def restrict_to_seen(self, scores: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         """The seen columns of (scores, targets): what a training loss may see in GZSL mode."""
         if not self.unseen_labels:
