@@ -106,9 +106,10 @@ def check_manifest(
         )
     if split_sha256 is not None and split_sha256 != manifest["split_sha256"]:
         raise HandoffError(
-            f"{where}: the data split differs from stage 1's ({manifest['split_file']}); stage 2 would "
-            "train or test on images stage 1 saw in another split. Use --data.split_file="
-            f"{manifest['split_file']}"
+            f"{where}: the data split differs from stage 1's ({manifest.get('split_file') or 'kept in memory'}); "
+            "stage 2 would train or test on images stage 1 saw in another split. "
+            + (f"Use --data.split_file={manifest['split_file']}" if manifest.get("split_file")
+               else "Re-run stage 1 with a saved split (the CLI saves one per experiment)")
         )
     stored = manifest.get("dataset_fingerprint")
     if fingerprint is not None and stored is not None and fingerprint != stored and not allow_fingerprint_mismatch:

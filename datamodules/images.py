@@ -40,17 +40,26 @@ def report_once(kind: str, message: str, *args) -> None:
         log.warning(message + " (reported once per process; `medmetric check-data` counts them all)", *args)
 
 
+def sixteen_bit_to_uint8(img: Image.Image, path: str | Path) -> np.ndarray:
+    """A 16-bit gray image as uint8 ``(H, W)``: ``round(v * 255 / 65535)`` over the full range,
+    never clipped (PIL's own ``convert("L")`` saturates every value above 255)."""
+    values = np.asarray(img, dtype=np.float64)
+    if values.size and (values.min() < 0 or values.max() > 65535):
+        raise ImageReadError(
+            f"image {path}: {img.mode} values span [{values.min():.0f}, {values.max():.0f}], outside the "
+            "16-bit range 0..65535; convert the file to an 8- or 16-bit PNG"
+        )
+    return np.rint(values * (255.0 / 65535.0)).astype(np.uint8)
+
+
 def to_rgb(img: Image.Image, path: str | Path) -> Image.Image:
     """Convert any PIL mode to RGB with the recoveries listed in the module docstring."""
     mode = img.mode
     if mode == "RGB":
         return img
     if mode in SIXTEEN_BIT_MODES:
-        values = np.asarray(img, dtype=np.float64)
-        if values.min() < 0 or values.max() > 65535:
-            raise ImageReadError(f"image {path}: {mode} values outside 0..65535; convert it to 8 or 16 bit")
+        gray = sixteen_bit_to_uint8(img, path)
         report_once("16bit", "image %s is 16-bit (%s): scaled by 255/65535 to 8 bit, gray replicated to RGB", path, mode)
-        gray = np.rint(values * (255.0 / 65535.0)).astype(np.uint8)
         return Image.fromarray(np.repeat(gray[..., None], 3, axis=2))
     if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
         report_once("alpha", "image %s has an alpha channel (%s): alpha dropped, colour kept", path, mode)

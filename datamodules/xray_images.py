@@ -19,21 +19,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from datamodules.images import ImageReadError
-
-SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+from datamodules.images import SIXTEEN_BIT_MODES, ImageReadError, sixteen_bit_to_uint8
 
 
 def to_uint8_gray(img: Image.Image, path: str | Path = "<image>") -> np.ndarray:
     """A decoded PIL image as ``uint8 (H, W)`` grayscale (alpha dropped, 16 bit rescaled)."""
     if img.mode in SIXTEEN_BIT_MODES:
-        values = np.asarray(img).astype(np.int64)
-        if values.size and (values.min() < 0 or values.max() > 65535):
-            raise ImageReadError(
-                f"{path}: {img.mode} pixel values span [{values.min()}, {values.max()}], outside "
-                "the 16-bit range [0, 65535]; convert the file to an 8- or 16-bit PNG"
-            )
-        return np.rint(values * (255.0 / 65535.0)).astype(np.uint8)
+        return sixteen_bit_to_uint8(img, path)
     if img.mode == "F":
         raise ImageReadError(f"{path}: floating-point images are not supported; save it as an 8- or 16-bit PNG")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):

@@ -88,3 +88,12 @@ def test_not_a_manifest_is_refused(tmp_path):
 
 def test_write_is_atomic_and_leaves_no_temporary_files(manifest_path):
     assert sorted(p.name for p in manifest_path.parent.iterdir()) == ["handoff.json", "split.csv", "stage1"]
+
+
+def test_split_mismatch_without_a_saved_split_file_still_explains_itself():
+    """A manifest from a stage 1 whose split lived in memory has no split_file: the refusal must
+    still be a HandoffError with a fix, not a KeyError."""
+    manifest = {"path": "runs/x/handoff.json", "class_names": ["a", "b"], "backbone": {"name": "test_resnet"},
+                "split_sha256": "0" * 64}
+    with pytest.raises(HandoffError, match="data split differs.*kept in memory.*Re-run stage 1 with a saved split"):
+        check_manifest(manifest, split_sha256="1" * 64)
