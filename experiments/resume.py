@@ -98,6 +98,10 @@ def write_resume_record(folder: Path, plan: ResumePlan) -> None:
         record.update(epoch=int(state.get("epoch", -1)), global_step=int(state.get("global_step", -1)))
     except Exception as err:  # the record is informative; Lightning reports unreadable checkpoints itself
         record["checkpoint_read_error"] = str(err)
+    failed = plan.run_dir / "FAILED" if plan.in_place else None
+    if failed is not None and failed.is_file():  # the run goes on: keep the failure with its segment
+        record["previous_failure"] = failed.read_text().strip()
+        os.replace(failed, folder / "FAILED.before-resume")
     path = folder / "resume.json"
     tmp = path.with_name(".resume.json.tmp")
     tmp.write_text(json.dumps(record, indent=2))

@@ -35,3 +35,18 @@ class SignalAt(Callback):
         if trainer.current_epoch == self.epoch and batch_idx == self.batch:
             os.kill(os.getpid(), self.signal)
 
+
+
+class KillDataWorkerAt(Callback):
+    """SIGKILL one DataLoader worker process (as the OOM killer would) at one training batch."""
+
+    def __init__(self, epoch: int, batch: int):
+        self.epoch, self.batch = epoch, batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        import multiprocessing
+
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            workers = multiprocessing.active_children()
+            assert workers, "no DataLoader worker to kill: run with data.num_workers >= 1"
+            os.kill(workers[0].pid, signal.SIGKILL)
