@@ -221,7 +221,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
             return
         table = self._indexed_table()
         if self.split_file is not None and self.split_file.exists():
-            table["split"] = read_split_csv(self.split_file, table, self.group_key).to_numpy()
+            table["split"] = self._saved_split(table)
             log.info("reusing split %s", self.split_file)
         else:
             table["split"] = self._new_split(table)
@@ -313,6 +313,25 @@ class ImageClassificationDataModule(L.LightningDataModule):
         warn_duplicates_across_splits(table, split, source=f"new split of {self.data_dir}")
         return split
 
+    def _saved_split(self, table: pd.DataFrame) -> np.ndarray:
+        """The split of ``split_file`` per row of ``table``, checked against the index (a source
+        with an official split also checks that the file keeps it)."""
+        return read_split_csv(self.split_file, table, self.group_key).to_numpy()
+
+    # --- what `medmetric check-data` inspects (experiments/check_data.py) ---------------------
+    def check_data_table(self) -> pd.DataFrame:
+        """The checked index, unsplit: image_id, path, label, group (+ fixed_split / official).
+
+        ``path`` is whatever :meth:`load_image` reads: a file, or a reference that is not a plain
+        file (HDF5 slice, npz row). A multi-label source puts its multi-hot targets
+        (``class_names`` order) in ``table.attrs["targets"]``.
+        """
+        return self._indexed_table()
+
+    def describe_source(self) -> list[str]:
+        """Extra lines for check-data about where the images live (e.g. in-memory arrays)."""
+        return []
+
     def find_missing_images(self, paths: Sequence[str]) -> list[int]:
         """Positions of images that do not exist (files by default; a source may override)."""
         return find_missing(paths)
@@ -365,8 +384,14 @@ class ImageClassificationDataModule(L.LightningDataModule):
         text = "\n".join(f"{i},{s}" for i, s in sorted(zip(self.table["image_id"], self.table["split"], strict=True)))
         return hashlib.sha256(text.encode()).hexdigest()
 
-    def fingerprint(self) -> str:
-        """Dataset fingerprint: ids, relative paths, sizes, labels, groups, split (integrity.py)."""
+    def fingerprint(self, table: pd.DataFrame | None = None) -> str:
+        """Dataset fingerprint: ids, relative paths, sizes, labels, groups, split (integrity.py).
+
+        Of the set-up table, or of ``table`` (with a split column) when given: check-data
+        fingerprints its own table without a setup.
+        """
+        if table is not None:
+            return dataset_fingerprint(table, self.data_dir, table["split"])
         self._require_setup()
         if getattr(self, "_fingerprint", None) is None:
             self._fingerprint = dataset_fingerprint(self.table, self.data_dir, self.table["split"])

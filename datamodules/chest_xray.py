@@ -258,6 +258,16 @@ class ChestXray14DataModule(ImageClassificationDataModule):
         check_groups_disjoint(table["group"], pd.Series(split), source=f"{self.data_dir} official lists")
         return split
 
+    def _saved_split(self, table: pd.DataFrame) -> np.ndarray:
+        split = read_split_csv(self.split_file, table).to_numpy()
+        moved = (split == "test") != (table["official"] == "test").to_numpy()
+        if moved.any():
+            raise ValueError(
+                f"split file {self.split_file}: {int(moved.sum())} images disagree with the official "
+                f"{TEST_LIST} (e.g. {table['image_id'][moved].iloc[0]!r}); delete the split file to re-make it"
+            )
+        return split
+
     # --- setup -----------------------------------------------------------------------------------
     def prepare_data(self) -> None:
         if self.split_file is not None and not self.split_file.exists():
@@ -272,13 +282,7 @@ class ChestXray14DataModule(ImageClassificationDataModule):
         table = self._indexed_table()
         targets = table.attrs["targets"]
         if self.split_file is not None and self.split_file.exists():
-            table["split"] = read_split_csv(self.split_file, table).to_numpy()
-            moved = (table["split"] == "test").to_numpy() != (table["official"] == "test").to_numpy()
-            if moved.any():
-                raise ValueError(
-                    f"split file {self.split_file}: {int(moved.sum())} images disagree with the official "
-                    f"{TEST_LIST} (e.g. {table['image_id'][moved].iloc[0]!r}); delete the split file to re-make it"
-                )
+            table["split"] = self._saved_split(table)
             log.info("reusing split %s", self.split_file)
         else:
             table["split"] = self._new_split(table)

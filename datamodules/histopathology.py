@@ -148,7 +148,11 @@ def read_kimia_hdf5(
     import h5py
 
     rows = []
-    with h5py.File(file, "r") as h5:
+    try:
+        h5 = h5py.File(file, "r")
+    except OSError as err:
+        raise ValueError(f"{file}: cannot open the HDF5 file ({err}); it is damaged or not HDF5: copy or convert it again") from err
+    with h5:
         scans = sorted((k for k in h5 if re.fullmatch(r"scan\d+", k)), key=lambda k: int(k[4:]))
         if not scans or "test_data" not in h5:
             raise ValueError(

@@ -148,8 +148,9 @@ def dataset_fingerprint(table: pd.DataFrame, data_dir: str | Path, split: Sequen
     labels, groups = table["label"].astype(str).to_numpy(), table["group"].astype(str).to_numpy()
     split = np.asarray(split, dtype=object)
     for i in order:
-        size = os.stat(paths[i]).st_size
-        rel = os.path.relpath(os.path.abspath(paths[i]), data_dir)
+        file, sep, ref = paths[i].partition("::")  # an HDF5 reference "<file>::<slice>": its file's size
+        size = os.stat(file).st_size
+        rel = os.path.relpath(os.path.abspath(file), data_dir) + sep + ref
         digest.update(f"\n{ids[i]}\t{rel}\t{size}\t{labels[i]}\t{groups[i]}\t{split[i]}".encode())
     return digest.hexdigest()
 

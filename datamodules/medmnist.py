@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import re
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ from datamodules.transforms import build_transform
 from datamodules.xray_images import gray_normalisation, to_channels
 
 log = logging.getLogger(__name__)
+NPZ_SEP = "::"  # check-data's reference to one image: "<npz>::<split>_images[<i>]"
 
 # Label names of the standard sets (MedMNIST v2 INFO), others get class_0, class_1, ...
 MEDMNIST_CLASS_NAMES: dict[str, list[str]] = {
@@ -61,13 +63,27 @@ def resolve_npz(npz_path: str | None, data_dir: str | None) -> Path:
     return path
 
 
+class MedMNISTFormatError(ValueError):
+    """The npz cannot be read or does not hold MedMNIST's arrays."""
+
+
 def read_medmnist(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``{split: (images uint8 (N, H, W[, 3]), labels int64 (N, K))}`` with checked shapes."""
-    with np.load(path, allow_pickle=False) as npz:
-        missing = [f"{s}_{k}" for s in SPLITS for k in ("images", "labels") if f"{s}_{k}" not in npz.files]
-        if missing:
-            raise ValueError(f"{path}: missing arrays {missing} (found {npz.files}); expected MedMNIST's train_/val_/test_ images and labels")
-        data = {s: (npz[f"{s}_images"], npz[f"{s}_labels"]) for s in SPLITS}
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [f"{s}_{k}" for s in SPLITS for k in ("images", "labels") if f"{s}_{k}" not in npz.files]
+            if missing:
+                raise MedMNISTFormatError(
+                    f"{path}: missing arrays {missing} (found {npz.files}); expected MedMNIST's train_/val_/test_ images and labels"
+                )
+            data = {s: (npz[f"{s}_images"], npz[f"{s}_labels"]) for s in SPLITS}
+    except MedMNISTFormatError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:  # truncated / not an npz
+        raise MedMNISTFormatError(
+            f"{path}: cannot read the npz ({type(err).__name__}: {err}); the file is damaged or not a "
+            "MedMNIST .npz: download it again (e.g. pip medmnist's <flag>.npz)"
+        ) from err
     for split, (images, labels) in data.items():
         if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] != 3):
             raise ValueError(f"{path}: {split}_images must be uint8 (N, H, W) or (N, H, W, 3), got {images.dtype} {images.shape}")
@@ -158,14 +174,44 @@ class MedMNISTDataModule(ImageClassificationDataModule):
         if self.split_file is not None and not self.split_file.exists():
             write_split_csv(self.split_file, self._official_table())
 
+    # --- check-data: the images are rows of the npz arrays, not files --------------------------
+    def check_data_table(self) -> pd.DataFrame:
+        """The official table; ``path`` is ``<npz>::<split>_images[<i>]``, read by :meth:`load_image`."""
+        table = self._official_table()
+        table["path"] = [f"{self.npz_path}{NPZ_SEP}{i.rsplit('_', 1)[0]}_images[{int(i.rsplit('_', 1)[1])}]" for i in table["image_id"]]
+        if self.multilabel:
+            table.attrs["targets"] = np.concatenate([y for _, y in self.arrays.values()]).astype(np.float32)
+        return table
+
+    def load_image(self, ref: str) -> np.ndarray:
+        """The pixels of ``<npz>::<split>_images[<i>]`` (as stored: (H, W) gray or (H, W, 3))."""
+        match = re.fullmatch(r"(.*)::(train|val|test)_images\[(\d+)\]", ref)
+        if match is None or Path(match.group(1)) != self.npz_path:
+            raise ValueError(f"{ref!r} is not an image of {self.npz_path} (<npz>::<split>_images[<i>])")
+        return self.arrays[match.group(2)][0][int(match.group(3))]
+
+    def _new_split(self, table: pd.DataFrame) -> np.ndarray:
+        return table["split"].to_numpy().copy()  # the official split, as it is
+
+    def _saved_split(self, table: pd.DataFrame) -> np.ndarray:
+        saved = read_split_csv(self.split_file, table).to_numpy()
+        if (saved != table["split"].to_numpy()).any():
+            raise ValueError(f"split file {self.split_file} differs from {self.npz_path.name}'s official split; delete it")
+        return saved
+
+    def describe_source(self) -> list[str]:
+        lines = [f"npz: {self.npz_path} ({self.npz_path.stat().st_size} bytes), in memory; "
+                 f"{'multi-label' if self.multilabel else 'single-label'}, official splits"]
+        for split, (images, labels) in self.arrays.items():
+            lines.append(f"  {split}_images {images.dtype} {tuple(images.shape)}, {split}_labels {labels.dtype} {tuple(labels.shape)}")
+        return lines
+
     def setup(self, stage: str | None = None) -> None:
         if self.table is not None:
             return
         table = self._official_table()
         if self.split_file is not None and self.split_file.exists():
-            saved = read_split_csv(self.split_file, table)
-            if (saved.to_numpy() != table["split"].to_numpy()).any():
-                raise ValueError(f"split file {self.split_file} differs from {self.npz_path.name}'s official split; delete it")
+            self._saved_split(table)
         if not self.multilabel:
             self._check_every_class_in_every_split(table)
         self.table = table
@@ -181,8 +227,11 @@ class MedMNISTDataModule(ImageClassificationDataModule):
             else:
                 self.datasets[split] = ImageDataset(ids, labels[:, 0], transform, pixels)
 
-    def fingerprint(self) -> str:
+    def fingerprint(self, table: pd.DataFrame | None = None) -> str:
         """Every image lives in the one npz: its name and size stand for each image's file."""
+        if table is not None:
+            table = table.assign(path=str(self.npz_path))
+            return dataset_fingerprint(table, self.npz_path.parent, table["split"])
         self._require_setup()
         if getattr(self, "_fingerprint", None) is None:
             table = self.table.assign(path=str(self.npz_path))
