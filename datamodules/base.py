@@ -32,7 +32,7 @@ from datamodules.splits import (
     read_split_csv,
     write_split_csv,
 )
-from datamodules.transforms import build_transform
+from datamodules.transforms import build_transform, transform_item
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +47,14 @@ class ImageDataset(Dataset):
     (``"skip"``: logged, counted in ``skipped`` across DataLoader workers, and dropped from its
     batch by :func:`skip_unreadable_collate`). An image smaller than ``image_size`` is upscaled
     by the transform, with a logged warning.
+
+    ``seed`` (training data): the transform is re-seeded before every item from (seed, epoch,
+    index) (datamodules/transforms.py::transform_item), so augmentations are reproducible.
     """
 
     def __init__(self, paths: Sequence[str], targets: Sequence[int], transform, images=None, loader=load_rgb,
-                 bad_image_policy: str = "error", image_size: int | None = None, skipped: SkipCounter | None = None):
+                 bad_image_policy: str = "error", image_size: int | None = None, skipped: SkipCounter | None = None,
+                 seed: int | None = None):
         self.paths = list(paths)
         self.targets = torch.as_tensor(np.asarray(targets, dtype=np.int64))
         self.transform = transform
@@ -59,6 +63,7 @@ class ImageDataset(Dataset):
         self.bad_image_policy = check_policy(bad_image_policy)
         self.image_size = image_size
         self.skipped = skipped if skipped is not None else SkipCounter()
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -77,7 +82,7 @@ class ImageDataset(Dataset):
         if self.image_size and min(image.shape[:2]) < self.image_size:
             report_once("small", "image %s is %dx%d, smaller than data.image_size=%d: upscaled",
                         self.paths[i], image.shape[1], image.shape[0], self.image_size)
-        return self.transform(image=image)["image"], self.targets[i]
+        return transform_item(self.transform, image, i, self.seed), self.targets[i]
 
 
 class FeatureDataset(Dataset):
@@ -129,7 +134,8 @@ class ImageClassificationDataModule(L.LightningDataModule):
         preload: decode all images into RAM once at setup (fast epochs for small data sets, and
             every corrupt file is found before training starts).
         num_workers: DataLoader worker processes.
-        seed: sampler seed (the split has its own ``split_seed``).
+        seed: sampler and augmentation seed (the split has its own ``split_seed``): the sampler
+            plans and every training image's augmentation are functions of (seed, epoch).
         bad_image_policy: ``error`` (default: an unreadable image stops the run naming the file)
             or ``skip`` (logged per file, counted, reported in results.json).
         global_batch_size: images per optimiser step over all devices; when set, the per-device
@@ -242,6 +248,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
                 self.bad_image_policy,
                 self.image_size,
                 self.skipped,
+                self.seed if split == "train" else None,
             )
 
     def _decoded_images(self, paths: list[str]):

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.base import ImageClassificationDataModule, RankShardSampler, read_csv_checked
 from datamodules.splits import SPLITS, check_groups_disjoint, read_split_csv, write_split_csv
-from datamodules.transforms import build_transform
+from datamodules.transforms import build_transform, transform_item
 from datamodules.xray_images import gray_normalisation, load_xray, preload_xrays, to_channels
 
 log = logging.getLogger(__name__)
@@ -48,24 +48,28 @@ REQUIRED_COLUMNS = ("Image Index", "Finding Labels", "Patient ID")
 
 
 class MultiLabelImageDataset(Dataset):
-    """(image tensor, multi-hot float32 target) from X-ray files or preloaded gray arrays."""
+    """(image tensor, multi-hot float32 target) from X-ray files or preloaded gray arrays.
 
-    def __init__(self, paths: Sequence[str], targets, transform, images=None, in_chans: int = 3):
+    ``seed`` (training data): augmentation re-seeded per item from (seed, epoch, index).
+    """
+
+    def __init__(self, paths: Sequence[str], targets, transform, images=None, in_chans: int = 3, seed: int | None = None):
         self.paths = list(paths)
         self.targets = torch.as_tensor(np.asarray(targets, dtype=np.float32))
         self.transform = transform
         self.images = images
         self.in_chans = in_chans
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
         gray = self.images[i] if self.images is not None else load_xray(self.paths[i])
-        return self.transform(image=to_channels(gray, self.in_chans))["image"], self.targets[i]
+        return transform_item(self.transform, to_channels(gray, self.in_chans), i, self.seed), self.targets[i]
 
-    def with_transform(self, transform) -> MultiLabelImageDataset:
-        return MultiLabelImageDataset(self.paths, self.targets, transform, self.images, self.in_chans)
+    def with_transform(self, transform, seed: int | None = None) -> MultiLabelImageDataset:
+        return MultiLabelImageDataset(self.paths, self.targets, transform, self.images, self.in_chans, seed)
 
 
 def parse_finding_labels(findings: pd.Series, path: Path, class_names: Sequence[str] = CHESTXRAY14_LABELS) -> np.ndarray:
@@ -309,6 +313,7 @@ class ChestXray14DataModule(ImageClassificationDataModule):
                 train_tf if split == "train" else eval_tf,
                 [images[i] for i in rows] if images is not None else None,
                 self.in_chans,
+                self.seed if split == "train" else None,
             )
 
     # --- what modules read -----------------------------------------------------------------------

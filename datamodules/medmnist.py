@@ -222,10 +222,11 @@ class MedMNISTDataModule(ImageClassificationDataModule):
             ids = table["image_id"][table["split"] == split].tolist()
             pixels = [to_channels(image, self.in_chans) for image in images]
             transform = train_tf if split == "train" else eval_tf
+            seed = self.seed if split == "train" else None  # augmentation seeded per (seed, epoch, index)
             if self.multilabel:
-                self.datasets[split] = MultiLabelImageDataset(ids, labels.astype(np.float32), transform, pixels, self.in_chans)
+                self.datasets[split] = MultiLabelImageDataset(ids, labels.astype(np.float32), transform, pixels, self.in_chans, seed)
             else:
-                self.datasets[split] = ImageDataset(ids, labels[:, 0], transform, pixels)
+                self.datasets[split] = ImageDataset(ids, labels[:, 0], transform, pixels, seed=seed)
 
     def fingerprint(self, table: pd.DataFrame | None = None) -> str:
         """Every image lives in the one npz: its name and size stand for each image's file."""

@@ -14,6 +14,10 @@ Two things Lightning does not do for a ``DataLoader(batch_sampler=...)``:
   ``estimated_stepping_batches``). The next iteration of that same epoch then skips the trained
   batches at the *index* level (nothing is decoded), so the rest of the epoch is exactly what the
   uninterrupted run would have seen: the plans are functions of (seed, epoch) only.
+
+Augmentation is a function of (seed, epoch, index) too (datamodules/transforms.py): every index
+the loader yields is an :class:`EpochIndex`, an ``int`` that carries its epoch into the dataset
+(also inside persistent DataLoader workers, which never see the sampler's ``set_epoch``).
 """
 
 from __future__ import annotations
@@ -22,6 +26,23 @@ import itertools
 from collections.abc import Callable
 
 from torch.utils.data import DataLoader, Sampler
+
+
+class EpochIndex(int):
+    """A sample index (a plain ``int`` to every dataset) that knows the epoch it is drawn for."""
+
+    epoch: int
+
+    def __new__(cls, index: int, epoch: int) -> EpochIndex:
+        obj = super().__new__(cls, index)
+        obj.epoch = epoch
+        return obj
+
+    def __reduce__(self):  # to DataLoader workers
+        return EpochIndex, (int(self), self.epoch)
+
+    def __repr__(self) -> str:
+        return f"EpochIndex({int(self)}, epoch={self.epoch})"
 
 
 class _EpochSetter:
@@ -53,7 +74,9 @@ class EpochBatchSampler(Sampler[list[int]]):
             skip, self.skip = self.skip[1], None
         elif self.skip is not None and self.epoch > self.skip[0]:
             self.skip = None  # that epoch is over
-        yield from itertools.islice(iter(self.batch_sampler), skip, None)
+        epoch = self.epoch
+        for batch in itertools.islice(iter(self.batch_sampler), skip, None):
+            yield [EpochIndex(i, epoch) for i in batch]
 
     def __len__(self) -> int:
         return len(self.batch_sampler)

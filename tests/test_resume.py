@@ -6,6 +6,10 @@ the way out) in the middle of epoch 1 and continued with ``--ckpt_path last`` fr
 and is continued the same way. Both continuations must train on exactly the reference's
 batches (same epoch, global step and sampler plan per batch) and end with bit-identical weights
 and identical test results; the finished reference run is never touched.
+
+The same holds with augmentation on (``augment=dermoscopy``): a SIGTERM mid-epoch run with two
+persistent DataLoader workers, resumed, trains on the pixel-identical augmented batches of an
+uninterrupted run without workers (augmentation is seeded per (data.seed, epoch, index)).
 """
 
 from __future__ import annotations
@@ -127,3 +131,35 @@ def test_sigterm_saves_mid_epoch_and_exits_cleanly_then_resumes_exactly(ham_root
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "not resumable" not in resumed.stderr
     assert_same_as_reference(run, log, (None, *reference[1:]))
+
+
+@pytest.fixture(scope="module")
+def augmented_reference(ham_root, tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs_augmented")
+    log = runs / "reference.jsonl"
+    done = fit(ham_root, runs, log, "--data.augment=dermoscopy")
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run,) = (runs / "resume" / "stage1").iterdir()
+    snapshot = {p.relative_to(run): p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    return runs, run, steps(log), snapshot
+
+
+def test_augmented_run_with_workers_sigterm_mid_epoch_resumes_to_the_uninterrupted_run(ham_root, augmented_reference, tmp_path):
+    runs = tmp_path / "runs"
+    (runs / "resume").mkdir(parents=True)
+    (runs / "resume" / "split.csv").write_bytes((augmented_reference[0] / "resume" / "split.csv").read_bytes())
+    log = tmp_path / "preempted.jsonl"
+    augmented = ("--data.augment=dermoscopy", "--data.num_workers=2")
+    preempted = fit(ham_root, runs, log, *augmented, "--trainer.callbacks+=tests.resume.probes.SignalAt",
+                    "--trainer.callbacks.epoch=1", "--trainer.callbacks.batch=2", "--trainer.callbacks.signal_name=SIGTERM")
+    assert preempted.returncode == 0, preempted.stderr[-3000:]
+    assert "SIGTERM: saved" in preempted.stderr
+    (run,) = (runs / "resume" / "stage1").iterdir()
+    saved = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert (saved["epoch"], saved["global_step"]) == (1, BATCHES_PER_EPOCH + 3)
+
+    resumed = fit(ham_root, runs, log, *augmented, "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    reference_steps = augmented_reference[2]
+    assert len({s["images_sha256"] for s in reference_steps}) == len(reference_steps)  # every batch its own pixels
+    assert_same_as_reference(run, log, (None, *augmented_reference[1:]))

@@ -1,12 +1,13 @@
 """Callbacks for the resume tests, run inside CLI subprocesses.
 
-``StepLog`` appends one JSON line per training batch (epoch, global step, batch index, targets)
-and flushes it at once, so a run killed with SIGKILL still leaves what it trained on.
+``StepLog`` appends one JSON line per training batch (epoch, global step, batch index, targets,
+SHA-256 of the image tensor's bytes: the augmented pixels) and flushes it at once, so a run killed with SIGKILL still leaves what it trained on.
 ``SignalAt`` sends a signal to its own process at the start of one training batch.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -20,7 +21,8 @@ class StepLog(Callback):
         self.path = Path(path)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        record = {"epoch": trainer.current_epoch, "step": trainer.global_step, "batch_idx": batch_idx, "targets": batch[1].tolist()}
+        record = {"epoch": trainer.current_epoch, "step": trainer.global_step, "batch_idx": batch_idx, "targets": batch[1].tolist(),
+                  "images_sha256": hashlib.sha256(batch[0].detach().cpu().contiguous().numpy().tobytes()).hexdigest()}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
