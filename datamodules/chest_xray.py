@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.base import ImageClassificationDataModule, RankShardSampler, read_csv_checked
-from datamodules.splits import SPLITS, check_groups_disjoint, read_split_csv, write_split_csv
+from datamodules.splits import SPLITS, check_groups_disjoint, read_split_csv
 from datamodules.transforms import build_transform, transform_item
 from datamodules.xray_images import gray_normalisation, load_xray, preload_xrays, to_channels
 
@@ -273,13 +273,6 @@ class ChestXray14DataModule(ImageClassificationDataModule):
         return split
 
     # --- setup -----------------------------------------------------------------------------------
-    def prepare_data(self) -> None:
-        if self.split_file is not None and not self.split_file.exists():
-            table = self._indexed_table()
-            table["split"] = self._new_split(table)
-            write_split_csv(self.split_file, table)
-            log.info("wrote split %s", self.split_file)
-
     def setup(self, stage: str | None = None) -> None:
         if self.table is not None:
             return

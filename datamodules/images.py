@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -69,27 +70,14 @@ def to_rgb(img: Image.Image, path: str | Path) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_rgb(path: str | Path, min_side: int | None = None) -> np.ndarray:
-    """Decode ``path`` to an RGB uint8 HWC array.
-
-    With ``min_side`` the image is shrunk (aspect kept) so its shorter side is ``min_side``;
-    JPEG decoding then uses the decoder's fast DCT scaling (``draft``).
-    """
+@contextmanager
+def open_image(path: str | Path) -> Iterator[Image.Image]:
+    """``Image.open`` whose decoding errors (also those raised while the caller converts the
+    image) become an :class:`ImageReadError` naming the file; a missing file stays
+    ``FileNotFoundError``."""
     try:
         with Image.open(path) as img:
-            if min_side is not None:
-                scale = min_side / min(img.size)
-                if scale < 1:
-                    target = (max(1, round(img.size[0] * scale)), max(1, round(img.size[1] * scale)))
-                    img.draft("RGB", target)
-            img = to_rgb(img, path)
-            if min_side is not None and min(img.size) != min_side:
-                scale = min_side / min(img.size)
-                img = img.resize(
-                    (max(1, round(img.size[0] * scale)), max(1, round(img.size[1] * scale))),
-                    Image.BILINEAR,
-                )
-            return np.asarray(img)
+            yield img
     except FileNotFoundError:
         raise
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
@@ -97,6 +85,28 @@ def load_rgb(path: str | Path, min_side: int | None = None) -> np.ndarray:
             f"cannot decode image {path}: {err}. The file is corrupt or not an image: replace it, "
             "or remove its row from the index CSV"
         ) from err
+
+
+def load_rgb(path: str | Path, min_side: int | None = None) -> np.ndarray:
+    """Decode ``path`` to an RGB uint8 HWC array.
+
+    With ``min_side`` the image is shrunk (aspect kept) so its shorter side is ``min_side``;
+    JPEG decoding then uses the decoder's fast DCT scaling (``draft``).
+    """
+    with open_image(path) as img:
+        if min_side is not None:
+            scale = min_side / min(img.size)
+            if scale < 1:
+                target = (max(1, round(img.size[0] * scale)), max(1, round(img.size[1] * scale)))
+                img.draft("RGB", target)
+        img = to_rgb(img, path)
+        if min_side is not None and min(img.size) != min_side:
+            scale = min_side / min(img.size)
+            img = img.resize(
+                (max(1, round(img.size[0] * scale)), max(1, round(img.size[1] * scale))),
+                Image.BILINEAR,
+            )
+        return np.asarray(img)
 
 
 def preload_images(

@@ -17,9 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from datamodules.images import SIXTEEN_BIT_MODES, ImageReadError, sixteen_bit_to_uint8
+from datamodules.images import SIXTEEN_BIT_MODES, ImageReadError, open_image, sixteen_bit_to_uint8
 
 
 def to_uint8_gray(img: Image.Image, path: str | Path = "<image>") -> np.ndarray:
@@ -38,18 +38,8 @@ def to_uint8_gray(img: Image.Image, path: str | Path = "<image>") -> np.ndarray:
 def load_xray(path: str | Path, min_side: int | None = None) -> np.ndarray:
     """Decode ``path`` to ``uint8 (H, W)``; with ``min_side`` shrink (aspect kept) so the
     shorter side is ``min_side`` (preloading small copies of 1024 px radiographs)."""
-    try:
-        with Image.open(path) as img:
-            gray = to_uint8_gray(img, path)
-    except FileNotFoundError:
-        raise
-    except ImageReadError:
-        raise
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
-        raise ImageReadError(
-            f"cannot decode image {path}: {err}. The file is corrupt or not an image: replace it, "
-            "or remove its row from the index CSV"
-        ) from err
+    with open_image(path) as img:
+        gray = to_uint8_gray(img, path)
     if min_side is not None and min(gray.shape) > min_side:
         scale = min_side / min(gray.shape)
         size = (max(1, round(gray.shape[1] * scale)), max(1, round(gray.shape[0] * scale)))

@@ -21,10 +21,10 @@ from lightning_modules.backbones import create_backbone, load_backbone_weights
 from lightning_modules.heads import LinearHead
 from lightning_modules.losses.multilabel import MULTILABEL_LOSSES
 from lightning_modules.multilabel import MultiLabelClassifierModule
-from lightning_modules.multilabel_pretrain import loss_from_datamodule
+from lightning_modules.multilabel_pretrain import SeenLabelLossTraining, loss_from_datamodule
 
 
-class MultiLabelHeadModule(MultiLabelClassifierModule):
+class MultiLabelHeadModule(SeenLabelLossTraining, MultiLabelClassifierModule):
     """Frozen stage-1 backbone + new linear head + multi-label loss.
 
     Args:
@@ -85,12 +85,6 @@ class MultiLabelHeadModule(MultiLabelClassifierModule):
         with torch.no_grad():
             features = self.backbone(images)
         return self.head(features)
-
-    def training_step(self, batch, batch_idx: int) -> Tensor:
-        images, targets = batch
-        loss = self.loss(*self.restrict_to_seen(self(images), targets))
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=len(targets))
-        return loss
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -32,7 +32,18 @@ def loss_from_datamodule(module: MultiLabelClassifierModule, name: str, kwargs: 
     return build_multilabel_loss(name, counts, datamodule.num_train_images, **(kwargs or {}))
 
 
-class MultiLabelPretrainModule(MultiLabelClassifierModule):
+class SeenLabelLossTraining:
+    """``training_step`` of a module whose scores train with ``self.loss`` (a multi-label loss
+    built by :func:`loss_from_datamodule`) on the seen labels only."""
+
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        images, targets = batch
+        loss = self.loss(*self.restrict_to_seen(self(images), targets))
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=len(targets))
+        return loss
+
+
+class MultiLabelPretrainModule(SeenLabelLossTraining, MultiLabelClassifierModule):
     """timm backbone + linear head + multi-label loss (the BCE baseline, or a re-balancing loss)."""
 
     def __init__(
@@ -69,12 +80,6 @@ class MultiLabelPretrainModule(MultiLabelClassifierModule):
 
     def forward(self, images: Tensor) -> Tensor:
         return self.head(self.backbone(images))
-
-    def training_step(self, batch, batch_idx: int) -> Tensor:
-        images, targets = batch
-        loss = self.loss(*self.restrict_to_seen(self(images), targets))
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=len(targets))
-        return loss
 
     def configure_optimizers(self):
         hp = self.hparams
