@@ -162,6 +162,7 @@ class ChestXray14DataModule(ImageClassificationDataModule):
         preload: bool = False,
         num_workers: int = 2,
         seed: int = 0,
+        global_batch_size: int | None = None,
     ):
         if sampler != "instance":
             raise ValueError(
@@ -172,6 +173,7 @@ class ChestXray14DataModule(ImageClassificationDataModule):
             data_dir, image_size=image_size, batch_size=batch_size, eval_batch_size=eval_batch_size,
             sampler="instance", val_fraction=val_fraction, test_fraction=0.0, split_seed=split_seed,
             split_file=split_file, augment=augment, preload=preload, num_workers=num_workers, seed=seed,
+            global_batch_size=global_batch_size,
         )
         to_channels(np.zeros((1, 1), np.uint8), in_chans)  # bad in_chans fails now
         self.in_chans = in_chans
@@ -276,6 +278,7 @@ class ChestXray14DataModule(ImageClassificationDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.table is not None:
             return
+        self._derive_batch_size()  # --data.global_batch_size (datamodules/global_batch.py)
         table = self._indexed_table()
         targets = table.attrs["targets"]
         if self.split_file is not None and self.split_file.exists():

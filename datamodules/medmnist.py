@@ -127,11 +127,13 @@ class MedMNISTDataModule(ImageClassificationDataModule):
         class_names: list[str] | None = None,
         num_workers: int = 0,
         seed: int = 0,
+        global_batch_size: int | None = None,
     ):
         self.npz_path = resolve_npz(npz_path, data_dir)
         super().__init__(
             str(self.npz_path.parent), image_size=image_size, batch_size=batch_size, eval_batch_size=eval_batch_size,
             sampler=sampler, m_per_class=m_per_class, split_file=split_file, augment=augment, num_workers=num_workers, seed=seed,
+            global_batch_size=global_batch_size,
         )
         to_channels(np.zeros((1, 1), np.uint8), in_chans)
         self.in_chans = in_chans
@@ -209,6 +211,7 @@ class MedMNISTDataModule(ImageClassificationDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.table is not None:
             return
+        self._derive_batch_size()  # --data.global_batch_size (datamodules/global_batch.py)
         table = self._official_table()
         if self.split_file is not None and self.split_file.exists():
             self._saved_split(table)

@@ -87,3 +87,27 @@ def test_cpu_fit_scales_the_lr_to_the_global_batch_and_converts_to_channels_last
     weight = next(p for p in cli.model.backbone.parameters() if p.dim() == 4)
     assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
     assert Path(cli.trainer.default_root_dir).is_dir()
+
+
+def test_chest_xray_and_medmnist_derive_their_batch_from_the_global_batch(chestxray14_root, tmp_path):
+    """The multi-label and in-memory sources take --data.global_batch_size like the base class."""
+    import numpy as np
+
+    from datamodules.chest_xray import ChestXray14DataModule
+    from datamodules.medmnist import MedMNISTDataModule
+
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 40), ("val", 12), ("test", 12)):
+        arrays[f"{split}_images"] = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        arrays[f"{split}_labels"] = np.arange(n).reshape(-1, 1) % 2
+    np.savez(tmp_path / "pneumoniamnist.npz", **arrays)
+    world = SimpleNamespace(world_size=2, accumulate_grad_batches=2, global_rank=0)
+    for data in (
+        ChestXray14DataModule(str(chestxray14_root), image_size=32, batch_size=999, global_batch_size=16, num_workers=0),
+        MedMNISTDataModule(str(tmp_path), image_size=28, batch_size=999, global_batch_size=16, num_workers=0),
+    ):
+        data.trainer = world
+        data.setup("fit")
+        assert data.batch_size == 16 // (2 * 2)
+        assert len(next(iter(data.train_dataloader()))[1]) == 4
