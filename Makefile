@@ -37,22 +37,22 @@ test: setup ## run the test suite (CPU, tiny data; real-data tests use ../shared
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: setup ## CE vs CE->cRT vs CE+SupCon->cRT on HAM10000 (synthetic fallback), one table
-	$(PY) -m experiments.demo $(ARGS)
+	$(PY) -m medmetric.experiments.demo $(ARGS)
 
 check-data: setup ## every data check, no training: make check-data DATA=ham10000 DATA_DIR=...
-	$(PY) -m experiments check-data --data $(DATA) --data_dir $(DATA_DIR) $(ARGS)
+	$(PY) -m medmetric.experiments check-data --data $(DATA) --data_dir $(DATA_DIR) $(ARGS)
 
 train-stage1: setup ## stage 1: make train-stage1 DATA=ham10000 DATA_DIR=... ARGS="--model.lr=0.01"
-	$(PY) -m experiments fit --config experiments/$(DATA)/stage1.yaml --data.data_dir=$(DATA_DIR) --experiment=$(EXPERIMENT) $(ARGS)
+	$(PY) -m medmetric.experiments fit --config experiments/$(DATA)/stage1.yaml --data.data_dir=$(DATA_DIR) --experiment=$(EXPERIMENT) $(ARGS)
 
 train-stage2: setup ## stage 2 (cRT) on the stage-1 handoff of EXPERIMENT: make train-stage2 DATA=ham10000
-	$(PY) -m experiments fit --config experiments/$(DATA)/stage2.yaml --data.data_dir=$(DATA_DIR) --experiment=$(EXPERIMENT) $(ARGS)
+	$(PY) -m medmetric.experiments fit --config experiments/$(DATA)/stage2.yaml --data.data_dir=$(DATA_DIR) --experiment=$(EXPERIMENT) $(ARGS)
 
 reproduce: setup ## paper-style comparison over SEEDS seeds + report; SMALL=1 for 2 CPU cores
-	$(PY) -m experiments.reproduce --seeds $(SEEDS) $(if $(SMALL),--small,) $(if $(filter-out ../shared/data/$(DATA),$(DATA_DIR)),--data_dir $(DATA_DIR),) $(ARGS)
+	$(PY) -m medmetric.experiments.reproduce --seeds $(SEEDS) $(if $(SMALL),--small,) $(if $(filter-out ../shared/data/$(DATA),$(DATA_DIR)),--data_dir $(DATA_DIR),) $(ARGS)
 
 report: setup ## markdown/CSV/figures across runs: make report RUNS='runs/exp*/stage2/*' OUT=runs/report
-	$(PY) -m experiments.report $(RUNS) --out $(OUT) $(ARGS)
+	$(PY) -m medmetric.experiments.report $(RUNS) --out $(OUT) $(ARGS)
 
 bench: bench-losses bench-stage2 bench-retrieval bench-data bench-training ## every benchmark (ratios against a reference measured in the same run)
 
@@ -68,7 +68,7 @@ bench-retrieval: setup ## search index: faiss IndexFlatIP vs exact chunked torch
 	$(PY) -m bench.retrieval --mode index $(ARGS)
 
 demo-kimia: setup ## Kimia Path24 (synthetic fallback): stage 1, retrieval metrics, medmetric index + search
-	$(PY) -m experiments.kimia_demo $(ARGS)
+	$(PY) -m medmetric.experiments.kimia_demo $(ARGS)
 
 bench-data: setup ## image loading: preprocessed image cache vs decoding each JPEG, at 64 and 224 px
 	$(PY) -m bench.data_loading $(ARGS)

@@ -25,11 +25,11 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import numpy as np  # noqa: E402
 
-from datamodules.base import ImageDataset  # noqa: E402
-from datamodules.cache import open_image_cache, stored_min_side  # noqa: E402
-from datamodules.images import load_rgb  # noqa: E402
-from datamodules.synthetic import write_ham10000  # noqa: E402
-from datamodules.transforms import build_transform  # noqa: E402
+from medmetric.datamodules.base import ImageDataset  # noqa: E402
+from medmetric.datamodules.cache import open_image_cache, stored_min_side  # noqa: E402
+from medmetric.datamodules.images import load_rgb  # noqa: E402
+from medmetric.datamodules.synthetic import write_ham10000  # noqa: E402
+from medmetric.datamodules.transforms import build_transform  # noqa: E402
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ham10000"
 

@@ -25,8 +25,8 @@ from collections.abc import Callable
 
 import torch
 
-from lightning_modules.losses import build_metric_loss
-from lightning_modules.losses.pml import PML_LOSSES
+from medmetric.lightning_modules.losses import build_metric_loss
+from medmetric.lightning_modules.losses.pml import PML_LOSSES
 
 EMBEDDING_DIM, NUM_CLASSES = 128, 7
 # PML's NTXentLoss masks a (positive pairs x negative pairs) matrix: with label-defined

@@ -43,8 +43,8 @@ from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 from pytorch_metric_learning.utils.inference import CustomKNN
 
 from bench.metric_losses import peak_memory_mb
-from lightning_modules.metrics import retrieval_metrics
-from lightning_modules.retrieval_index import RetrievalIndex, build_faiss_flat
+from medmetric.lightning_modules.metrics import retrieval_metrics
+from medmetric.retrieval.index import RetrievalIndex, build_faiss_flat
 
 
 def make_data(n: int, dim: int, classes: int, imbalance: float, seed: int):

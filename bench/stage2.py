@@ -21,12 +21,13 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
-from callbacks.feature_cache import FeatureCache  # noqa: E402
-from callbacks.handoff import stage1_manifest, write_manifest  # noqa: E402
-from datamodules.skin import HAM10000DataModule  # noqa: E402
-from datamodules.synthetic import write_ham10000  # noqa: E402
-from lightning_modules.metric_pretrain import MetricPretrainModule  # noqa: E402
-from lightning_modules.rebalanced_head import RebalancedHeadModule  # noqa: E402
+from medmetric.callbacks.feature_cache import FeatureCache  # noqa: E402
+from medmetric.callbacks.handoff import stage1_manifest  # noqa: E402
+from medmetric.datamodules.skin import HAM10000DataModule  # noqa: E402
+from medmetric.datamodules.synthetic import write_ham10000  # noqa: E402
+from medmetric.lightning_modules.metric_pretrain import MetricPretrainModule  # noqa: E402
+from medmetric.lightning_modules.rebalanced_head import RebalancedHeadModule  # noqa: E402
+from medmetric.run_io.manifest import write_manifest  # noqa: E402
 
 
 def untrained_handoff(work: Path, datamodule: HAM10000DataModule, backbone: str) -> Path:

@@ -32,9 +32,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 
-from datamodules.skin import HAM10000DataModule  # noqa: E402
-from datamodules.synthetic import write_ham10000  # noqa: E402
-from lightning_modules.metric_pretrain import MetricPretrainModule  # noqa: E402
+from medmetric.datamodules.skin import HAM10000DataModule  # noqa: E402
+from medmetric.datamodules.synthetic import write_ham10000  # noqa: E402
+from medmetric.lightning_modules.metric_pretrain import MetricPretrainModule  # noqa: E402
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ham10000"
 
@@ -83,7 +83,7 @@ def run_medmetric(args, datamodule: HAM10000DataModule, work: Path) -> tuple[flo
     timer = EpochTimer(args.device)
     callbacks = [timer]
     if args.device == "cuda":
-        from callbacks.speed import SpeedOptions
+        from medmetric.callbacks.speed import SpeedOptions
 
         callbacks.append(SpeedOptions(channels_last=True))
     trainer = L.Trainer(

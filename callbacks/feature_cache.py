@@ -13,15 +13,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from datamodules.splits import SPLITS
-from datamodules.transforms import build_transform
+from medmetric.datamodules.splits import SPLITS
+from medmetric.datamodules.transforms import build_transform
+from medmetric.run_io.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,4 @@ class FeatureCache(Callback):
             features, targets = extract_features(backbone, datamodule.ordered_dataloader(split, sharded=False), device)
             payload[split] = {"features": features, "targets": targets}
         backbone.cpu()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        torch.save(payload, tmp)
-        os.replace(tmp, self.path)
+        atomic_write(self.path, lambda handle: torch.save(payload, handle), what="feature cache")

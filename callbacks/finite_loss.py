@@ -3,7 +3,7 @@
 The check runs in ``on_before_backward``: the NaN/inf loss is never back-propagated, so the
 weights stay those of the last good step, and the last checkpoint on disk (written atomically)
 is the last good one. The error names the epoch, the global step, the batch index and, when
-the batch came from an :class:`~datamodules.base.ImageDataset`, the image ids in it (found by
+the batch came from an :class:`~medmetric.datamodules.base.ImageDataset`, the image ids in it (found by
 replaying the loader's deterministic batch sampler for this epoch).
 """
 

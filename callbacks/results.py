@@ -14,7 +14,7 @@ import numpy as np
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 
-from callbacks.handoff import write_json_atomic
+from medmetric.run_io.atomic import atomic_write, write_json_atomic
 
 
 def next_free(path: Path) -> Path:
@@ -61,4 +61,5 @@ class ResultsWriter(Callback):
         outputs = getattr(pl_module, "test_outputs", None)
         if outputs:
             npz = self.path.with_name(self.path.name.replace("results", "test_outputs").replace(".json", ".npz"))
-            np.savez_compressed(npz, class_names=np.asarray(pl_module.class_names), **{k: v.numpy() for k, v in outputs.items()})
+            arrays = {"class_names": np.asarray(pl_module.class_names), **{k: v.numpy() for k, v in outputs.items()}}
+            atomic_write(npz, lambda handle: np.savez_compressed(handle, **arrays), what="test outputs")

@@ -1,6 +1,6 @@
 """The ``bad_image_policy`` of a DataModule: stop on an unreadable image, or skip it visibly.
 
-``error`` (default) re-raises :class:`~datamodules.images.ImageReadError`, which names the file.
+``error`` (default) re-raises :class:`~medmetric.datamodules.images.ImageReadError`, which names the file.
 ``skip`` drops the image from its batch, logs it, and appends its path to a counter file, so the
 count is right whatever process decoded it (DataLoader workers are separate processes, under
 fork, forkserver or spawn) and survives pickling. The total goes into results.json.

@@ -18,21 +18,27 @@ import pandas as pd
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler
 
-from datamodules.bad_images import SkipCounter, check_policy, skip_unreadable_collate
-from datamodules.cache import open_image_cache
-from datamodules.global_batch import per_device_batch_size
-from datamodules.images import ImageReadError, find_missing, load_rgb, preload_images, report_once
-from datamodules.integrity import dataset_fingerprint, warn_duplicates_across_splits
-from datamodules.resumable import ResumableDataLoader
-from datamodules.samplers import SAMPLERS
-from datamodules.splits import (
+from medmetric.datamodules.bad_images import SkipCounter, check_policy, skip_unreadable_collate
+from medmetric.datamodules.cache import open_image_cache
+from medmetric.datamodules.global_batch import per_device_batch_size
+from medmetric.datamodules.images import (
+    ImageReadError,
+    find_missing,
+    load_rgb,
+    preload_images,
+    report_once,
+)
+from medmetric.datamodules.integrity import dataset_fingerprint, warn_duplicates_across_splits
+from medmetric.datamodules.resumable import ResumableDataLoader
+from medmetric.datamodules.samplers import SAMPLERS
+from medmetric.datamodules.splits import (
     SPLITS,
     check_groups_disjoint,
     grouped_stratified_split,
     read_split_csv,
     write_split_csv,
 )
-from datamodules.transforms import build_transform, transform_item
+from medmetric.datamodules.transforms import build_transform, transform_item
 
 log = logging.getLogger(__name__)
 

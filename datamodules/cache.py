@@ -1,7 +1,7 @@
 """A preprocessed image cache: decode and resize every image once, then read raw uint8 pixels.
 
 Decoding a JPEG/PNG and shrinking it costs more than the rest of a small training step; the
-cache pays it once. Each image is stored exactly as :func:`datamodules.images.preload_images`
+cache pays it once. Each image is stored exactly as :func:`medmetric.datamodules.images.preload_images`
 would hold it in RAM (aspect ratio kept, shorter side ``ceil(1.15 x image_size)``, so random
 resized crops still have room, which is >= the training crop), one after another in a flat
 ``<name>.u8`` file that is memory-mapped, plus ``<name>.json`` with each image's offset and
@@ -31,12 +31,13 @@ from pathlib import Path
 
 import numpy as np
 
-from datamodules.images import load_rgb
+from medmetric.datamodules.images import load_rgb
+from medmetric.run_io.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
-PRELOAD_MARGIN = 1.15  # the same margin as datamodules.images.preload_images
+PRELOAD_MARGIN = 1.15  # the same margin as medmetric.datamodules.images.preload_images
 
 
 def stored_min_side(image_size: int) -> int:
@@ -112,10 +113,12 @@ def _read_index(index_path: Path, paths: Sequence[str], min_side: int, fingerpri
 def _build(data_path: Path, index_path: Path, paths: Sequence[str], min_side: int, fingerprint, workers: int) -> dict:
     from tqdm.auto import tqdm
 
-    tmp = data_path.with_name(f".{data_path.name}.tmp-{os.getpid()}")
-    offsets, shapes, offset = [], [], 0
-    try:
-        with open(tmp, "wb") as out, ThreadPoolExecutor(max_workers=workers) as pool:
+    offsets: list[int] = []
+    shapes: list[tuple[int, int]] = []
+
+    def write_images(out) -> None:
+        offset = 0
+        with ThreadPoolExecutor(max_workers=workers) as pool:
             decoded = pool.map(lambda p: load_rgb(p, min_side), paths)
             for image in tqdm(decoded, total=len(paths), desc=f"image cache {data_path.stem}", unit="img", mininterval=1.0):
                 image = np.ascontiguousarray(image, dtype=np.uint8)
@@ -123,11 +126,9 @@ def _build(data_path: Path, index_path: Path, paths: Sequence[str], min_side: in
                 shapes.append(image.shape[:2])
                 out.write(image.tobytes())
                 offset += image.nbytes
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, data_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    atomic_write(data_path, write_images, what="image cache")
+    offset = offsets[-1] + int(np.prod(shapes[-1])) * 3 if offsets else 0
     index = {
         "version": CACHE_VERSION,
         "min_side": min_side,
@@ -138,9 +139,8 @@ def _build(data_path: Path, index_path: Path, paths: Sequence[str], min_side: in
         "bytes": offset,
         "builder_pid": os.getpid(),
     }
-    tmp_index = index_path.with_name(f".{index_path.name}.tmp-{os.getpid()}")
-    tmp_index.write_text(json.dumps(index))
-    os.replace(tmp_index, index_path)  # the commit point: the index names a complete data file
+    text = json.dumps(index).encode()
+    atomic_write(index_path, lambda handle: handle.write(text), what="image cache index")  # the commit point
     return index
 
 

@@ -29,10 +29,19 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.base import ImageClassificationDataModule, RankShardSampler, read_csv_checked
-from datamodules.splits import SPLITS, check_groups_disjoint, read_split_csv
-from datamodules.transforms import build_transform, transform_item
-from datamodules.xray_images import gray_normalisation, load_xray, preload_xrays, to_channels
+from medmetric.datamodules.base import (
+    ImageClassificationDataModule,
+    RankShardSampler,
+    read_csv_checked,
+)
+from medmetric.datamodules.splits import SPLITS, check_groups_disjoint, read_split_csv
+from medmetric.datamodules.transforms import build_transform, transform_item
+from medmetric.datamodules.xray_images import (
+    gray_normalisation,
+    load_xray,
+    preload_xrays,
+    to_channels,
+)
 
 log = logging.getLogger(__name__)
 

@@ -36,8 +36,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from datamodules.base import ImageClassificationDataModule, read_csv_checked
-from datamodules.images import load_rgb
+from medmetric.datamodules.base import ImageClassificationDataModule, read_csv_checked
+from medmetric.datamodules.images import load_rgb
 
 KIMIA_CLASSES = tuple(f"s{k}" for k in range(24))
 PATCH_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")

@@ -22,12 +22,12 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from datamodules.base import ImageClassificationDataModule, ImageDataset, RankShardSampler
-from datamodules.chest_xray import CHESTXRAY14_LABELS, MultiLabelImageDataset
-from datamodules.integrity import dataset_fingerprint
-from datamodules.splits import SPLITS, read_split_csv, write_split_csv
-from datamodules.transforms import build_transform
-from datamodules.xray_images import gray_normalisation, to_channels
+from medmetric.datamodules.base import ImageClassificationDataModule, ImageDataset, RankShardSampler
+from medmetric.datamodules.chest_xray import CHESTXRAY14_LABELS, MultiLabelImageDataset
+from medmetric.datamodules.integrity import dataset_fingerprint
+from medmetric.datamodules.splits import SPLITS, read_split_csv, write_split_csv
+from medmetric.datamodules.transforms import build_transform
+from medmetric.datamodules.xray_images import gray_normalisation, to_channels
 
 log = logging.getLogger(__name__)
 NPZ_SEP = "::"  # check-data's reference to one image: "<npz>::<split>_images[<i>]"

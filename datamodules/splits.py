@@ -8,13 +8,13 @@ class the groups are shuffled and cut so every split gets about its fraction of 
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from datamodules.integrity import check_no_group_leaks
+from medmetric.datamodules.integrity import check_no_group_leaks
+from medmetric.run_io.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -76,13 +76,8 @@ def _ensure_each_split(split: np.ndarray, val_fraction: float, test_fraction: fl
 
 def write_split_csv(path: Path, table: pd.DataFrame) -> None:
     """Write the split atomically (a crash never leaves a half-written split file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        table[SPLIT_COLUMNS].to_csv(tmp, index=False)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    text = table[SPLIT_COLUMNS].to_csv(index=False)
+    atomic_write(path, lambda handle: handle.write(text.encode()), what="split file")
 
 
 def read_split_csv(path: Path, index: pd.DataFrame, group_key: str = "group") -> pd.Series:

@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from datamodules.skin import HAM10000_CLASSES, ISIC2019_CLASSES, ISIC2019_UNKNOWN  # noqa: E402
+from medmetric.datamodules.skin import HAM10000_CLASSES, ISIC2019_CLASSES, ISIC2019_UNKNOWN  # noqa: E402
 
 # Class proportions of the real releases (HAM10000: 10015 images; ISIC 2019 training: 25331).
 HAM10000_PROPORTIONS = {
@@ -279,4 +279,4 @@ def _write_csv(path: pathlib.Path, header: Sequence[str], rows) -> None:
         writer.writerow(header)
         writer.writerows(rows)
 
-from datamodules.synthetic_chestxray import write_chestxray14  # noqa: E402,F401  (ChestX-ray14 format)
+from medmetric.datamodules.synthetic_chestxray import write_chestxray14  # noqa: E402,F401  (ChestX-ray14 format)

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from datamodules.chest_xray import (
+from medmetric.datamodules.chest_xray import (
     CHESTXRAY14_LABELS,
     DEFAULT_UNSEEN,
     NO_FINDING,

@@ -106,7 +106,7 @@ def write_kimia_hdf5(
     """The official HDF5 layout: scans of ``scan_patches`` (rows, cols) grid squares each.
 
     The first ``n_test`` grid squares of each scan become test patches and are whitened in
-    the scan, so :class:`~datamodules.histopathology.KimiaPath24DataModule` (with the same
+    the scan, so :class:`~medmetric.datamodules.histopathology.KimiaPath24DataModule` (with the same
     ``patch_size``) finds ``rows * cols - n_test`` training patches per scan. Returns path.
     """
     import h5py

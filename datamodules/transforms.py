@@ -110,7 +110,7 @@ def seed_transform(transform: A.Compose, seed: int, epoch: int, index: int) -> N
 def transform_item(transform: A.Compose, image: np.ndarray, index: int, seed: int | None):
     """``transform(image=image)["image"]``, re-seeded first when ``seed`` is set (training data).
 
-    The epoch comes with the index (``datamodules.resumable.EpochIndex``, what the training
+    The epoch comes with the index (``medmetric.datamodules.resumable.EpochIndex``, what the training
     loader's batch sampler yields); a plain ``int`` index counts as epoch 0.
     """
     if seed is not None:

@@ -19,7 +19,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from datamodules.images import SIXTEEN_BIT_MODES, ImageReadError, open_image, sixteen_bit_to_uint8
+from medmetric.datamodules.images import (
+    SIXTEEN_BIT_MODES,
+    ImageReadError,
+    open_image,
+    sixteen_bit_to_uint8,
+)
 
 
 def to_uint8_gray(img: Image.Image, path: str | Path = "<image>") -> np.ndarray:
@@ -71,7 +76,7 @@ def preload_xrays(paths: Sequence[str], image_size: int, workers: int = 4) -> li
 def gray_normalisation(in_chans: int) -> dict:
     """Mean/std for ``build_transform``: ImageNet's for 3 replicated channels, their average
     for one channel (what timm does when it adapts RGB weights to ``in_chans=1``)."""
-    from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from medmetric.datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD
 
     if in_chans == 3:
         return {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}

@@ -1,16 +1,10 @@
-"""``python -m experiments fit --config experiments/ham10000/stage1.yaml [--flags]``.
+"""``python -m medmetric.experiments fit --config experiments/ham10000/stage1.yaml [--flags]``.
 
 Also runnable as a file, ``python experiments/__main__.py fit ...``, which is how a W&B sweep
-agent starts ``${program}``: the repository this file lives in is then put first on the path.
+agent starts ``${program}``; either way ``medmetric`` must be installed (``make setup``).
 """
 
-import sys
-from pathlib import Path
-
-if not __package__:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from experiments.cli import main  # noqa: E402
+from medmetric.experiments.cli import console_main
 
 if __name__ == "__main__":
-    main()
+    console_main()

@@ -35,14 +35,19 @@ import pandas as pd
 import yaml
 from PIL import Image
 
-import datamodules
-from datamodules.base import ImageClassificationDataModule
-from datamodules.chest_xray import NO_FINDING, TEST_LIST, TRAIN_VAL_LIST, ChestXray14DataModule
-from datamodules.images import SIXTEEN_BIT_MODES
-from datamodules.integrity import content_hashes, duplicate_groups, find_group_leaks
-from datamodules.medmnist import MedMNISTDataModule
-from datamodules.splits import SPLITS, write_split_csv
-from experiments.safe_config import check_class_paths
+from medmetric import datamodules
+from medmetric.datamodules.base import ImageClassificationDataModule
+from medmetric.datamodules.chest_xray import (
+    NO_FINDING,
+    TEST_LIST,
+    TRAIN_VAL_LIST,
+    ChestXray14DataModule,
+)
+from medmetric.datamodules.images import SIXTEEN_BIT_MODES
+from medmetric.datamodules.integrity import content_hashes, duplicate_groups, find_group_leaks
+from medmetric.datamodules.medmnist import MedMNISTDataModule
+from medmetric.datamodules.splits import SPLITS, write_split_csv
+from medmetric.experiments.safe_config import check_class_paths
 
 
 class UsageError(ValueError):
@@ -54,7 +59,7 @@ def datamodule_classes() -> dict[str, type]:
     found = {}
     for info in pkgutil.iter_modules(datamodules.__path__):
         try:
-            module = importlib.import_module(f"datamodules.{info.name}")
+            module = importlib.import_module(f"medmetric.datamodules.{info.name}")
         except Exception:  # a module that needs an optional package: its classes are just not offered
             continue
         for _, cls in inspect.getmembers(module, inspect.isclass):

@@ -1,4 +1,4 @@
-"""The one entry point: ``python -m experiments fit --config experiments/<data>/stage1.yaml``.
+"""The one entry point: ``python -m medmetric.experiments fit --config experiments/<data>/stage1.yaml``.
 
 LightningCLI reads YAML configs and flags (``--model.lr=0.01``) into typed ``__init__``
 arguments, so configs, the command line and W&B sweep agents (``${args}``) all reach the same
@@ -15,12 +15,10 @@ and loggers (CSV, and W&B, offline when no API key is set).
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import os
 import sys
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -28,24 +26,30 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 
-from callbacks.atomic_checkpoint import AtomicCheckpointIO, atomic_write  # noqa: E402
-from callbacks.feature_cache import FeatureCache  # noqa: E402
-from callbacks.finite_loss import FiniteLossGuard  # noqa: E402
-from callbacks.handoff import StageHandoff, read_manifest  # noqa: E402
-from callbacks.preemption import LastEveryEpochCheckpoint, RNGStateInCheckpoint, SaveOnPreemption  # noqa: E402
-from callbacks.results import ResultsWriter  # noqa: E402
-from callbacks.selection_guard import ValidationOnlySelection  # noqa: E402
-from experiments.resume import (  # noqa: E402
+from medmetric.callbacks.atomic_checkpoint import AtomicCheckpointIO  # noqa: E402
+from medmetric.callbacks.feature_cache import FeatureCache  # noqa: E402
+from medmetric.callbacks.finite_loss import FiniteLossGuard  # noqa: E402
+from medmetric.callbacks.handoff import StageHandoff  # noqa: E402
+from medmetric.callbacks.preemption import (  # noqa: E402
+    LastEveryEpochCheckpoint,
+    RNGStateInCheckpoint,
+    SaveOnPreemption,
+)
+from medmetric.callbacks.results import ResultsWriter  # noqa: E402
+from medmetric.callbacks.selection_guard import ValidationOnlySelection  # noqa: E402
+from medmetric.experiments.safe_config import ALLOW_ENV, check_class_paths, prescan_args  # noqa: E402
+from medmetric.experiments.wandb_mode import WANDB_MODES, wandb_offline  # noqa: E402
+from medmetric.lightning_modules.classifier_base import MONITOR  # noqa: E402
+from medmetric.run_io.atomic import atomic_write  # noqa: E402
+from medmetric.run_io.manifest import read_manifest  # noqa: E402
+from medmetric.run_io.resume import (  # noqa: E402
     ResumePlan,
     named_or_new_run_dir,
     resume_plan_for_process,
     write_resume_record,
 )
-from experiments.safe_config import ALLOW_ENV, check_class_paths, prescan_args  # noqa: E402
-from experiments.wandb_mode import WANDB_MODES, wandb_offline  # noqa: E402
-from lightning_modules.classifier_base import MONITOR  # noqa: E402
+from medmetric.run_io.run_folders import RUN_DIR_ENV, RunPaths  # noqa: E402
 
-RUN_DIR_ENV = "MEDMETRIC_RUN_DIR"  # lets DDP worker processes join rank zero's run folder
 STAGE_OF_MODEL = {
     "MetricPretrainModule": "stage1",
     "RebalancedHeadModule": "stage2",
@@ -59,36 +63,6 @@ STAGE_OF_MODEL = {
 # folder never has), and stage 2 keeps its frozen backbone in eval mode on purpose.
 warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-
-
-@dataclass
-class RunPaths:
-    experiment: str
-    stage: str
-    experiment_dir: Path
-    run_dir: Path
-
-    @property
-    def split_file(self) -> Path:
-        return self.experiment_dir / "split.csv"
-
-    @property
-    def handoff(self) -> Path:
-        return self.experiment_dir / "handoff.json"
-
-
-def new_run_dir(parent: Path) -> Path:
-    """A fresh, never-reused folder named by UTC time (suffixed if two runs start together)."""
-    parent.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    for n in range(1000):
-        candidate = parent / (stamp if n == 0 else f"{stamp}-{n}")
-        try:
-            candidate.mkdir()
-            return candidate
-        except FileExistsError:
-            continue
-    raise RuntimeError(f"could not create a new run folder under {parent}")
 
 
 class MedMetricCLI(LightningCLI):
@@ -205,10 +179,10 @@ class MedMetricCLI(LightningCLI):
 
 
 TOOLS = {  # medmetric <tool> ...: commands beside LightningCLI's
-    "report": "experiments.report",
-    "check-data": "experiments.check_data",
-    "index": "experiments.index",
-    "search": "experiments.search",
+    "report": "medmetric.experiments.report",
+    "check-data": "medmetric.experiments.check_data",
+    "index": "medmetric.experiments.index",
+    "search": "medmetric.experiments.search",
 }
 _CURRENT_RUN: dict[str, Path | None] = {"dir": None}  # the run folder made by this process, if any
 
@@ -225,7 +199,7 @@ def mark_failed(error: BaseException) -> None:
 
 
 def main(args: list[str] | None = None):
-    """Console script ``medmetric`` and ``python -m experiments``: fit/validate/test/predict or a tool."""
+    """Console script ``medmetric`` and ``python -m medmetric.experiments``: fit/validate/test/predict or a tool."""
     args = args if args is not None else sys.argv[1:]
     if args and args[0] in TOOLS:
         import importlib
@@ -240,3 +214,12 @@ def main(args: list[str] | None = None):
         if not (isinstance(error, SystemExit) and error.code in (0, None)):
             mark_failed(error)
         raise
+
+
+def console_main() -> None:
+    """The ``medmetric`` console script: exit 0 after a finished fit, the tool's code after a tool.
+
+    (``main`` returns the CLI object for tests and notebooks; handing that to ``sys.exit`` made
+    every successful run exit 1.)"""
+    main()
+    sys.exit(0)

@@ -1,7 +1,7 @@
 """``make demo``: one-stage CE vs two-stage CE -> cRT vs CE + SupCon -> cRT, in one table.
 
 Runs on ../shared/data/ham10000 when present, otherwise on a generated HAM10000-format set.
-Each fit is a normal CLI run (``python -m experiments fit ...``) in a subprocess, so every
+Each fit is a normal CLI run (``python -m medmetric.experiments fit ...``) in a subprocess, so every
 number in the table can be reproduced with the command logged next to it. Both stage-1 runs
 use one split file, so the three rows are tested on the same images.
 """
@@ -14,7 +14,7 @@ import math
 import time
 from pathlib import Path
 
-from experiments.runner import resolve_ham10000, run_fit
+from medmetric.experiments.runner import resolve_ham10000, run_fit
 
 CONFIGS = {"stage1": "experiments/ham10000/stage1.yaml", "stage2": "experiments/ham10000/stage2.yaml"}
 PLAN = (  # (experiment, stage, flags beyond the config, table row or None)

@@ -1,7 +1,7 @@
 """Synthetic generalised zero-shot (GZSL) table: seen / unseen / harmonic test AUROC.
 
-    python -m experiments.gzsl_table --seeds 0 1 --control   # the README table: ~30 min on 2 busy CPU cores
-    python -m experiments.gzsl_table --epochs 3 --n_patients 200 --rows cm_wfe   # ~2 minutes
+    python -m medmetric.experiments.gzsl_table --seeds 0 1 --control   # the README table: ~30 min on 2 busy CPU cores
+    python -m medmetric.experiments.gzsl_table --epochs 3 --n_patients 200 --rows cm_wfe   # ~2 minutes
 
 Zero-shot on synthetic data can only beat chance if an image's signal is tied to its labels'
 TEXT: with :func:`write_text_tied_chestxray14` each finding draws a pattern that is a linear
@@ -11,7 +11,7 @@ model uses). Concretely, the 14 label vectors are centred and projected on their
 signed brightness of ``n_codes`` fixed Gaussian blobs; an image adds the patterns of all its
 findings to a chest-like background, plus noise. Labels whose texts are alike therefore look
 alike, which is the premise of cross-modal zero-shot learning. The label files, lists and
-patients come from ``datamodules.synthetic.write_chestxray14`` (its own images, one blob per
+patients come from ``medmetric.datamodules.synthetic.write_chestxray14`` (its own images, one blob per
 label at a fixed place, are re-drawn); ``--control`` also runs the cross-modal model on that
 untied set, where the unseen AUROC should stay near chance.
 
@@ -38,10 +38,11 @@ from PIL import Image
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from datamodules.chest_xray import CHESTXRAY14_LABELS, DEFAULT_UNSEEN  # noqa: E402
-from datamodules.synthetic import write_chestxray14  # noqa: E402
-from lightning_modules.metrics.multilabel import gzsl_auroc  # noqa: E402
-from lightning_modules.text_embeddings import DEFAULT_TEXT_ENCODER, label_embeddings  # noqa: E402
+from medmetric.datamodules.chest_xray import CHESTXRAY14_LABELS, DEFAULT_UNSEEN  # noqa: E402
+from medmetric.datamodules.synthetic import write_chestxray14  # noqa: E402
+from medmetric.lightning_modules.metrics.multilabel import gzsl_auroc  # noqa: E402
+from medmetric.run_io.atomic import atomic_write
+from medmetric.text.label_embeddings import DEFAULT_TEXT_ENCODER, label_embeddings  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS = {
@@ -100,14 +101,13 @@ def write_text_tied_chestxray14(root: Path, label_vectors: torch.Tensor, n_patie
         multi_hot = np.array([label in findings.split("|") for label in CHESTXRAY14_LABELS])
         pixels = render_text_tied(multi_hot, codes, basis, rng, strength)
         path = files[name]
-        tmp = path.with_name(f".{path.name}.tmp.png")
-        Image.fromarray(np.rint(pixels * 255).astype(np.uint8), "L").save(tmp, "PNG")
-        os.replace(tmp, path)
+        image = Image.fromarray(np.rint(pixels * 255).astype(np.uint8), "L")
+        atomic_write(path, lambda handle, image=image: image.save(handle, "PNG"), what="synthetic X-ray")
     return root
 
 
 def run_row(key: str, data_dir: Path, runs_dir: Path, args, seed: int) -> dict:
-    from experiments.cli import main
+    from medmetric.experiments.cli import main
 
     experiment = f"{data_dir.name}-{key}-seed{seed}"
     done = sorted((runs_dir / experiment / "stage1").glob("*/results.json"))

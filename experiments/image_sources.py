@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from datamodules.base import read_csv_checked
-from datamodules.histopathology import PATCH_SUFFIXES, class_folder_index, list_images
+from medmetric.datamodules.base import read_csv_checked
+from medmetric.datamodules.histopathology import PATCH_SUFFIXES, class_folder_index, list_images
 
 
 def read_image_sources(sources: Sequence[str]) -> pd.DataFrame:

@@ -13,9 +13,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from experiments.image_sources import read_image_sources
-from lightning_modules.embedder import EMBEDDINGS, embed_paths, load_embedder
-from lightning_modules.retrieval_index import RetrievalIndex
+from medmetric.experiments.image_sources import read_image_sources
+from medmetric.retrieval.embedder import EMBEDDINGS, embed_paths, load_embedder
+from medmetric.retrieval.index import RetrievalIndex
 
 
 def build_parser() -> argparse.ArgumentParser:

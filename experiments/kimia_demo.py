@@ -1,7 +1,7 @@
 """Kimia Path24 retrieval demo (``make demo-kimia``): stage 1, retrieval evaluation, index, search.
 
 1. stage 1 with ``experiments/kimia_path24/stage1.yaml`` (CE + multi-similarity), CPU-sized;
-2. ``python -m experiments.retrieval_eval``: leave-one-out R@1/5/10, MAP@R, P@1 on the test
+2. ``python -m medmetric.experiments.retrieval_eval``: leave-one-out R@1/5/10, MAP@R, P@1 on the test
    patches, and eta_p / eta_W / eta_total (test patches searched among the training patches);
 3. ``medmetric index`` of the training patches and ``medmetric search`` of the test patches.
 
@@ -17,9 +17,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from datamodules.histopathology import KimiaPath24DataModule
-from datamodules.synthetic_histopathology import write_kimia_rgb
-from experiments.runner import run_fit
+from medmetric.datamodules.histopathology import KimiaPath24DataModule
+from medmetric.datamodules.synthetic_histopathology import write_kimia_rgb
+from medmetric.experiments.runner import run_fit
 
 REAL_KIMIA = Path("../shared/data/kimia_path24")
 CPU_FLAGS = ["--model.backbone=resnet10t", "--data.image_size=32", "--trainer.max_epochs=5", "--data.batch_size=48"]
@@ -62,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     for split in ("train", "test"):
         lists[split] = run / f"{split}_patches.csv"
         table.loc[table["split"] == split, ["path", "label"]].to_csv(lists[split], index=False)
-    python = [sys.executable, "-m", "experiments"]
-    step([sys.executable, "-m", "experiments.retrieval_eval", "--model", handoff, "--kimia", str(data_dir),
+    python = [sys.executable, "-m", "medmetric.experiments"]
+    step([sys.executable, "-m", "medmetric.experiments.retrieval_eval", "--model", handoff, "--kimia", str(data_dir),
           "--quiet", "--out", str(run / "retrieval.json")])
     step([*python, "index", "--model", handoff, "--images", str(lists["train"]), "--out", str(run / "index"), "--quiet"])
     step([*python, "search", "--index", str(run / "index"), "--query", str(lists["test"]), "--k", str(args.k),

@@ -1,7 +1,7 @@
 """Publishable report over finished runs: seeds pooled per config, mean ± std, figures, W&B.
 
-    python -m experiments.report 'runs/ham-ce-seed*/stage2/*' runs/ham-supcon --out reports/ham
-    python -m experiments.report runs --out reports/all --label CE='*ham-ce*' --label SupCon='*supcon*'
+    python -m medmetric.experiments.report 'runs/ham-ce-seed*/stage2/*' runs/ham-supcon --out reports/ham
+    python -m medmetric.experiments.report runs --out reports/all --label CE='*ham-ce*' --label SupCon='*supcon*'
 
 Why: a single run's balanced accuracy on a class-imbalanced test set moves by a few points from
 seed to seed, so the numbers worth publishing are mean ± std over seeds of *one* config. This
@@ -76,7 +76,7 @@ RUN_SPECIFIC_KEYS = (
 REQUIRED_RESULT_KEYS = ("metrics", "class_names", "confusion_matrix")
 SEED_SUFFIX = re.compile(r"[-_]seed(\d+)$")
 TSNE_MAX_POINTS = 3000
-from experiments.wandb_mode import WANDB_MODES, wandb_offline  # noqa: E402
+from medmetric.experiments.wandb_mode import WANDB_MODES, wandb_offline  # noqa: E402
 
 
 class ReportError(Exception):
@@ -673,7 +673,7 @@ def log_to_wandb(mode: str, project: str, frame: pd.DataFrame, figures: list[str
 
 # --- command line ----------------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m experiments.report", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m medmetric.experiments.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="+", metavar="RUN", help="run folder, glob, or a folder above run folders")
     parser.add_argument("--out", required=True, type=Path, help="report folder (created)")
@@ -751,11 +751,11 @@ def build_report(args: argparse.Namespace, command: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m experiments.report RUN... --out DIR``: 0 on success, 2 on a usage problem."""
+    """``python -m medmetric.experiments.report RUN... --out DIR``: 0 on success, 2 on a usage problem."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     try:
-        summary = build_report(args, "python -m experiments.report " + shlex.join(argv))
+        summary = build_report(args, "python -m medmetric.experiments.report " + shlex.join(argv))
     except ReportError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -19,8 +19,8 @@ import argparse
 import time
 from pathlib import Path
 
-from experiments import report
-from experiments.runner import resolve_ham10000, run_fit
+from medmetric.experiments import report
+from medmetric.experiments.runner import resolve_ham10000, run_fit
 
 STAGE1 = "experiments/ham10000/stage1.yaml"
 STAGE2 = "experiments/ham10000/stage2.yaml"

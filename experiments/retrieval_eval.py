@@ -1,11 +1,11 @@
 """Retrieval evaluation of a stage-1 model: leave-one-out kNN on a test set, and Kimia's measures.
 
-    python -m experiments.retrieval_eval --model runs/kimia/handoff.json --kimia ../shared/data/kimia_path24
-    python -m experiments.retrieval_eval --model runs/x/handoff.json --test patches/test/   # any labelled set
+    python -m medmetric.experiments.retrieval_eval --model runs/kimia/handoff.json --kimia ../shared/data/kimia_path24
+    python -m medmetric.experiments.retrieval_eval --model runs/x/handoff.json --test patches/test/   # any labelled set
 
 Leave-one-out on the test set (each test image queries all the others): Precision@1,
-Recall@1/5/10 and MAP@R (``lightning_modules.metrics.retrieval``). Kimia Path24 measures
-eta_p, eta_W, eta_total (``lightning_modules.metrics.kimia``) of the 1-NN label, two ways:
+Recall@1/5/10 and MAP@R (``medmetric.lightning_modules.metrics.retrieval``). Kimia Path24 measures
+eta_p, eta_W, eta_total (``medmetric.lightning_modules.metrics.kimia``) of the 1-NN label, two ways:
 leave-one-out within the test set, and the data set's protocol, each test patch searched
 among the training patches (``--kimia``, or ``--train`` for any labelled set).
 """
@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from callbacks.handoff import write_json_atomic
-from experiments.image_sources import read_image_sources
-from lightning_modules.embedder import EMBEDDINGS, embed_paths, load_embedder
-from lightning_modules.metrics.kimia import confusion_from_predictions, kimia_accuracies
-from lightning_modules.metrics.retrieval import retrieval_metrics, top_k_inner_product
+from medmetric.experiments.image_sources import read_image_sources
+from medmetric.lightning_modules.metrics.kimia import confusion_from_predictions, kimia_accuracies
+from medmetric.lightning_modules.metrics.retrieval import retrieval_metrics, top_k_inner_product
+from medmetric.retrieval.embedder import EMBEDDINGS, embed_paths, load_embedder
+from medmetric.run_io.atomic import write_json_atomic
 
 
 def nearest_label_accuracies(query, query_labels, reference=None, reference_labels=None) -> dict[str, float]:
@@ -41,7 +41,7 @@ def embed(embedder, paths, args) -> torch.Tensor:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.retrieval_eval", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m medmetric.experiments.retrieval_eval", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="stage-1 handoff.json, its run folder, or a .ckpt")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--kimia", help="Kimia Path24 folder or HDF5 (official train/test split)")
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.kimia:
-        from datamodules.histopathology import KimiaPath24DataModule
+        from medmetric.datamodules.histopathology import KimiaPath24DataModule
 
         table = KimiaPath24DataModule(args.kimia, patch_size=args.patch_size).read_index()
         test, train = table[table["split"] == "test"], table[table["split"] == "train"]

@@ -1,6 +1,6 @@
 """Run CLI fits as subprocesses and find their run folders: shared by the demo and reproduce.
 
-Each fit is an ordinary ``python -m experiments fit ...`` command, so every number a script
+Each fit is an ordinary ``python -m medmetric.experiments fit ...`` command, so every number a script
 prints can be reproduced by hand with the command logged beside it.
 """
 
@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from datamodules.synthetic import write_ham10000
+from medmetric.datamodules.synthetic import write_ham10000
 
 REAL_HAM10000 = Path("../shared/data/ham10000")
 
@@ -33,7 +33,7 @@ def run_fit(config: str, experiment: str, stage: str, flags: list[str], runs_dir
     """Run one CLI fit; return the new run folder. The full output goes to a log file."""
     stage_dir = runs_dir / experiment / stage
     before = set(stage_dir.iterdir()) if stage_dir.is_dir() else set()
-    command = [sys.executable, "-m", "experiments", "fit", "--config", config, f"--experiment={experiment}", *flags]
+    command = [sys.executable, "-m", "medmetric.experiments", "fit", "--config", config, f"--experiment={experiment}", *flags]
     log_path = log_dir / f"{experiment}-{stage}.log"
     print(f"  {experiment} {stage}: {' '.join(command[1:])}", flush=True)
     start = time.time()

@@ -2,10 +2,13 @@
 
 A YAML config or a ``--x.class_path=`` flag names classes that LightningCLI instantiates; a
 shared config could name any importable callable (``os.system``, a class of an installed but
-untrusted package). Before instantiation every ``class_path`` in the parsed config must lie in
-medmetric's own packages or in torch, timm, lightning, torchmetrics or pytorch_metric_learning.
-More packages are allowed explicitly with ``--allow_class_paths=pkg,pkg2`` or the environment
-variable ``MEDMETRIC_ALLOW_CLASS_PATHS=pkg,pkg2``.
+untrusted package). Before instantiation every ``class_path`` in the parsed config must lie
+under ``medmetric.`` (the one import name this project installs) or in the field libraries whose
+classes configs name (torch, timm, lightning, torchmetrics, pytorch_metric_learning). Nothing
+else is trusted by default, not even this repository's ``tests`` or ``bench`` folders: more
+packages are allowed explicitly with ``--allow_class_paths=pkg,pkg2`` or the environment
+variable ``MEDMETRIC_ALLOW_CLASS_PATHS=pkg,pkg2`` (a dotted entry such as ``tests.toys``
+allows that module and what is below it).
 
 jsonargparse imports a named class's module while it parses (to read its arguments), so the
 raw command line (config files, class flags) is pre-scanned before parsing
@@ -21,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-MEDMETRIC_PACKAGES = ("lightning_modules", "datamodules", "callbacks", "experiments", "bench", "tests")  # this repo
+MEDMETRIC_PACKAGES = ("medmetric",)  # the one import name the project installs
 TRUSTED_PACKAGES = ("torch", "timm", "lightning", "torchmetrics", "pytorch_metric_learning")
 ALLOW_ENV = "MEDMETRIC_ALLOW_CLASS_PATHS"
 
@@ -36,6 +39,12 @@ def allowed_packages(extra: str | Iterable[str] | None = None) -> tuple[str, ...
         parts = source.split(",") if isinstance(source, str) else list(source)
         names += [p.strip() for p in parts if p and p.strip()]
     return tuple(dict.fromkeys(names))
+
+
+def is_allowed(path: str, allowed: Iterable[str]) -> bool:
+    """``path`` lies in one of ``allowed``: the same module or below it, compared by whole
+    dotted parts (``medmetric_evil.X`` is not under ``medmetric``)."""
+    return any(path == name or path.startswith(name + ".") for name in allowed)
 
 
 def class_paths(node, where: str = "") -> Iterator[tuple[str, str]]:
@@ -59,7 +68,7 @@ def check_class_paths(config, extra_allowed: str | Iterable[str] | None = None) 
     allowed = allowed_packages(extra_allowed)
     for key, path in class_paths(config):
         package = path.split(".", 1)[0]
-        if package not in allowed:
+        if not is_allowed(path, allowed):
             raise UntrustedClassPathError(
                 f"config key {key} names {path!r}, outside the packages a config may use ({', '.join(allowed)}). "
                 f"If you trust it, allow its package with --allow_class_paths={package} or "

@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from callbacks.handoff import write_json_atomic
-from experiments.image_sources import read_image_sources
-from lightning_modules.embedder import embed_paths, load_embedder
-from lightning_modules.metrics.kimia import confusion_from_predictions, kimia_accuracies
-from lightning_modules.retrieval_index import BACKENDS, RetrievalIndex, vote
+from medmetric.experiments.image_sources import read_image_sources
+from medmetric.lightning_modules.metrics.kimia import confusion_from_predictions, kimia_accuracies
+from medmetric.retrieval.embedder import embed_paths, load_embedder
+from medmetric.retrieval.index import BACKENDS, RetrievalIndex, vote
+from medmetric.run_io.atomic import write_json_atomic
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,7 +87,7 @@ def summarise(results: list[dict]) -> dict | None:
 
 
 def new_output_dir(args: argparse.Namespace) -> Path:
-    from experiments.cli import new_run_dir
+    from medmetric.run_io.run_folders import new_run_dir
 
     if args.out is None:
         return new_run_dir(Path(args.index) / "searches")

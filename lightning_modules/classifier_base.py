@@ -9,10 +9,10 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from lightning_modules.checkpoint_check import check_checkpoint_matches
-from lightning_modules.losses.distributed import gather_across_ranks
-from lightning_modules.metrics import ClassificationMetrics
-from lightning_modules.optimization import OptimizerMixin
+from medmetric.lightning_modules.checkpoint_check import check_checkpoint_matches
+from medmetric.lightning_modules.losses.distributed import gather_across_ranks
+from medmetric.lightning_modules.metrics import ClassificationMetrics
+from medmetric.lightning_modules.optimization import OptimizerMixin
 
 MONITOR = "val/balanced_accuracy"  # model selection: validation only, never test
 

@@ -26,10 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_modules.backbones import create_backbone
-from lightning_modules.losses.cross_modal import build_cross_modal_loss, pairwise_euclidean
-from lightning_modules.multilabel import MultiLabelClassifierModule
-from lightning_modules.text_embeddings import DEFAULT_TEXT_ENCODER, label_embeddings
+from medmetric.lightning_modules.backbones import create_backbone
+from medmetric.lightning_modules.losses.cross_modal import (
+    build_cross_modal_loss,
+    pairwise_euclidean,
+)
+from medmetric.lightning_modules.multilabel import MultiLabelClassifierModule
+from medmetric.text.label_embeddings import DEFAULT_TEXT_ENCODER, label_embeddings
 
 DEFAULT_LABEL_FILE = Path(__file__).resolve().parents[1] / "experiments" / "chestxray14" / "labels.yaml"
 

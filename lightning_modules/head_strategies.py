@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_modules.heads import LinearHead, Projector
-from lightning_modules.metrics.classification import balanced_accuracy_from_confusion
+from medmetric.lightning_modules.heads import LinearHead, Projector
+from medmetric.lightning_modules.metrics.classification import balanced_accuracy_from_confusion
 
 
 def balanced_accuracy(logits: Tensor, targets: Tensor, num_classes: int) -> float:

@@ -20,12 +20,12 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_modules.backbones import create_backbone
-from lightning_modules.classifier_base import ClassifierModule
-from lightning_modules.heads import LinearHead, Projector
-from lightning_modules.losses import build_metric_loss, class_weights_from_counts
-from lightning_modules.losses.distributed import gather_across_ranks, world
-from lightning_modules.losses.rebalancing import HEAD_LOSSES, build_head_loss
+from medmetric.lightning_modules.backbones import create_backbone
+from medmetric.lightning_modules.classifier_base import ClassifierModule
+from medmetric.lightning_modules.heads import LinearHead, Projector
+from medmetric.lightning_modules.losses import build_metric_loss, class_weights_from_counts
+from medmetric.lightning_modules.losses.distributed import gather_across_ranks, world
+from medmetric.lightning_modules.losses.rebalancing import HEAD_LOSSES, build_head_loss
 
 
 class MetricPretrainModule(ClassifierModule):

@@ -24,8 +24,12 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from lightning_modules.metrics.multilabel import MultiLabelMetrics, choose_f1_thresholds, gzsl_auroc
-from lightning_modules.optimization import OptimizerMixin
+from medmetric.lightning_modules.metrics.multilabel import (
+    MultiLabelMetrics,
+    choose_f1_thresholds,
+    gzsl_auroc,
+)
+from medmetric.lightning_modules.optimization import OptimizerMixin
 
 
 class MultiLabelClassifierModule(OptimizerMixin, L.LightningModule):

@@ -16,12 +16,15 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from callbacks.handoff import check_manifest, read_manifest
-from lightning_modules.backbones import create_backbone, load_backbone_weights
-from lightning_modules.heads import LinearHead
-from lightning_modules.losses.multilabel import MULTILABEL_LOSSES
-from lightning_modules.multilabel import MultiLabelClassifierModule
-from lightning_modules.multilabel_pretrain import SeenLabelLossTraining, loss_from_datamodule
+from medmetric.lightning_modules.backbones import create_backbone, load_backbone_weights
+from medmetric.lightning_modules.heads import LinearHead
+from medmetric.lightning_modules.losses.multilabel import MULTILABEL_LOSSES
+from medmetric.lightning_modules.multilabel import MultiLabelClassifierModule
+from medmetric.lightning_modules.multilabel_pretrain import (
+    SeenLabelLossTraining,
+    loss_from_datamodule,
+)
+from medmetric.run_io.manifest import check_manifest, read_manifest
 
 
 class MultiLabelHeadModule(SeenLabelLossTraining, MultiLabelClassifierModule):

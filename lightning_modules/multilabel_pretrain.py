@@ -14,10 +14,10 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from lightning_modules.backbones import create_backbone
-from lightning_modules.heads import LinearHead
-from lightning_modules.losses.multilabel import MULTILABEL_LOSSES, build_multilabel_loss
-from lightning_modules.multilabel import MultiLabelClassifierModule
+from medmetric.lightning_modules.backbones import create_backbone
+from medmetric.lightning_modules.heads import LinearHead
+from medmetric.lightning_modules.losses.multilabel import MULTILABEL_LOSSES, build_multilabel_loss
+from medmetric.lightning_modules.multilabel import MultiLabelClassifierModule
 
 
 def loss_from_datamodule(module: MultiLabelClassifierModule, name: str, kwargs: dict | None):
@@ -26,7 +26,7 @@ def loss_from_datamodule(module: MultiLabelClassifierModule, name: str, kwargs: 
     if datamodule is None or not hasattr(datamodule, "num_train_images"):
         raise ValueError(
             f"{type(module).__name__} needs a multi-label DataModule with class_counts and num_train_images "
-            "(e.g. datamodules.chest_xray.ChestXray14DataModule)"
+            "(e.g. medmetric.datamodules.chest_xray.ChestXray14DataModule)"
         )
     counts = [datamodule.class_counts[i] for i in module.seen_idx]
     return build_multilabel_loss(name, counts, datamodule.num_train_images, **(kwargs or {}))

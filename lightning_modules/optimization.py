@@ -8,7 +8,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from lightning_modules.lr_scaling import global_batch_size, scaled_lr
+from medmetric.lightning_modules.lr_scaling import global_batch_size, scaled_lr
 
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 

@@ -21,13 +21,13 @@ import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from callbacks.handoff import check_manifest, load_submodule_state, read_manifest
-from lightning_modules.backbones import create_backbone, load_backbone_weights
-from lightning_modules.classifier_base import ClassifierModule
-from lightning_modules.head_strategies import STRATEGIES
-from lightning_modules.heads import LinearHead, Projector
-from lightning_modules.losses.distributed import gather_across_ranks, world
-from lightning_modules.losses.rebalancing import build_head_loss
+from medmetric.lightning_modules.backbones import create_backbone, load_backbone_weights
+from medmetric.lightning_modules.classifier_base import ClassifierModule
+from medmetric.lightning_modules.head_strategies import STRATEGIES
+from medmetric.lightning_modules.heads import LinearHead, Projector
+from medmetric.lightning_modules.losses.distributed import gather_across_ranks, world
+from medmetric.lightning_modules.losses.rebalancing import build_head_loss
+from medmetric.run_io.manifest import check_manifest, load_submodule_state, read_manifest
 
 
 class RebalancedHeadModule(ClassifierModule):

@@ -12,7 +12,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("WANDB_MODE", "disabled")  # tests that check W&B unset it themselves
 
-from datamodules.synthetic import write_chestxray14, write_ham10000, write_isic2019  # noqa: E402
+from medmetric.datamodules.synthetic import write_chestxray14, write_ham10000, write_isic2019  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_HAM10000 = REPO.parent / "shared" / "data" / "ham10000"
@@ -49,8 +49,9 @@ def isic_copy(isic_root, tmp_path) -> Path:
 
 def make_stage1_handoff(folder: Path, class_names, counts=None, backbone: str = "test_resnet") -> Path:
     """A handoff manifest from an untrained stage-1 model (for stage-2 unit tests)."""
-    from callbacks.handoff import stage1_manifest, write_manifest
-    from lightning_modules.metric_pretrain import MetricPretrainModule
+    from medmetric.callbacks.handoff import stage1_manifest
+    from medmetric.lightning_modules.metric_pretrain import MetricPretrainModule
+    from medmetric.run_io.manifest import write_manifest
 
     stage1 = MetricPretrainModule(list(class_names), backbone=backbone, embedding_dim=16)
     counts = counts or [10] * len(class_names)

@@ -4,7 +4,7 @@
 The reference is independent of the datasets and loaders: the image file decoded with PIL, a
 freshly built Compose of the same preset, given ``np.random.default_rng(ss)`` and
 ``random.Random(ss.generate_state(1, uint64)[0])`` with ``ss = SeedSequence([seed, epoch, index])``
-(the documented rule, computed here, not by datamodules.transforms).
+(the documented rule, computed here, not by medmetric.datamodules.transforms).
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules.chest_xray import ChestXray14DataModule
-from datamodules.resumable import EpochIndex
-from datamodules.skin import HAM10000DataModule
-from datamodules.transforms import build_transform
+from medmetric.datamodules.chest_xray import ChestXray14DataModule
+from medmetric.datamodules.resumable import EpochIndex
+from medmetric.datamodules.skin import HAM10000DataModule
+from medmetric.datamodules.transforms import build_transform
 
 SIZE = 32
 EPOCHS = (0, 1, 2)
@@ -155,7 +155,7 @@ def test_multilabel_chest_xray_augmentation_follows_the_rule(chestxray14_root, t
     two.setup()
     train = one.datasets["train"]
     assert train.seed == 5 and one.datasets["val"].seed is None
-    from datamodules.xray_images import gray_normalisation
+    from medmetric.datamodules.xray_images import gray_normalisation
 
     norm = gray_normalisation(3)
     for epoch, index in ((0, 0), (1, 0), (2, 7)):
@@ -171,8 +171,8 @@ def test_multilabel_chest_xray_augmentation_follows_the_rule(chestxray14_root, t
 
 @pytest.mark.parametrize(("name", "label_width"), [("pneumoniamnist", 1), ("chestmnist", 14)])  # ImageDataset, MultiLabelImageDataset
 def test_medmnist_augmentation_follows_the_rule(tmp_path, name, label_width):
-    from datamodules.medmnist import MedMNISTDataModule
-    from datamodules.xray_images import gray_normalisation
+    from medmetric.datamodules.medmnist import MedMNISTDataModule
+    from medmetric.datamodules.xray_images import gray_normalisation
     from tests.test_medmnist import write_npz
 
     arrays = write_npz(tmp_path / f"{name}.npz", label_width=label_width)

@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 
-from lightning_modules.backbones import create_backbone
+from medmetric.lightning_modules.backbones import create_backbone
 
 
 def test_feature_dim_matches_the_pooled_output():

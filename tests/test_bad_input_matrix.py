@@ -24,18 +24,19 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from callbacks.atomic_checkpoint import AtomicCheckpointIO, AtomicWriteError
-from callbacks.finite_loss import FiniteLossGuard, NonFiniteLossError
-from callbacks.handoff import HandoffError, check_manifest, read_manifest, write_manifest
-from datamodules import images as images_module
-from datamodules.base import ImageDataset
-from datamodules.images import ImageReadError, load_rgb
-from datamodules.skin import HAM10000DataModule, ISIC2019DataModule
-from datamodules.splits import write_split_csv
-from datamodules.transforms import build_transform
-from lightning_modules.backbones import create_backbone, load_backbone_weights
-from lightning_modules.metric_pretrain import MetricPretrainModule
-from lightning_modules.rebalanced_head import RebalancedHeadModule
+from medmetric.callbacks.atomic_checkpoint import AtomicCheckpointIO
+from medmetric.callbacks.finite_loss import FiniteLossGuard, NonFiniteLossError
+from medmetric.datamodules import images as images_module
+from medmetric.datamodules.base import ImageDataset
+from medmetric.datamodules.images import ImageReadError, load_rgb
+from medmetric.datamodules.skin import HAM10000DataModule, ISIC2019DataModule
+from medmetric.datamodules.splits import write_split_csv
+from medmetric.datamodules.transforms import build_transform
+from medmetric.lightning_modules.backbones import create_backbone, load_backbone_weights
+from medmetric.lightning_modules.metric_pretrain import MetricPretrainModule
+from medmetric.lightning_modules.rebalanced_head import RebalancedHeadModule
+from medmetric.run_io.atomic import AtomicWriteError
+from medmetric.run_io.manifest import HandoffError, check_manifest, read_manifest, write_manifest
 from tests.conftest import make_stage1_handoff
 
 HAM_META = "HAM10000_metadata.csv"
@@ -110,7 +111,7 @@ def test_png_with_alpha_drops_alpha_and_logs(tmp_path, caplog, fresh_recoveries)
     rgba[..., 3] = np.arange(6, dtype=np.uint8)[:, None] * 50  # varying transparency
     path = tmp_path / "alpha.png"
     Image.fromarray(rgba, "RGBA").save(path)
-    with caplog.at_level(logging.WARNING, logger="datamodules.images"):
+    with caplog.at_level(logging.WARNING, logger="medmetric.datamodules.images"):
         out = load_rgb(path)
     assert out.shape == (6, 5, 3) and out.dtype == np.uint8
     np.testing.assert_array_equal(out, rgba[..., :3])  # colour as stored, alpha gone
@@ -124,7 +125,7 @@ def test_16_bit_png_is_scaled_not_clipped(tmp_path, caplog, fresh_recoveries):
     Image.fromarray(values).save(path)
     with Image.open(path) as img:
         assert img.mode.startswith("I")  # really stored as 16-bit
-    with caplog.at_level(logging.WARNING, logger="datamodules.images"):
+    with caplog.at_level(logging.WARNING, logger="medmetric.datamodules.images"):
         out = load_rgb(path)
     expected = np.array([[round(v * 255 / 65535) for v in row] for row in values.tolist()], dtype=np.uint8)
     for channel in range(3):
@@ -141,7 +142,7 @@ def test_grayscale_image_in_rgb_set_is_replicated(ham_copy, caplog, fresh_recove
     path = Path(dataset.paths[0])
     gray = np.arange(32 * 32, dtype=np.uint32).reshape(32, 32) % 251
     Image.fromarray(gray.astype(np.uint8), "L").save(path, format="JPEG", quality=100)
-    with caplog.at_level(logging.WARNING, logger="datamodules.images"):
+    with caplog.at_level(logging.WARNING, logger="medmetric.datamodules.images"):
         image = load_rgb(path)
         tensor, _ = dataset[0]
     assert image.shape == (32, 32, 3)
@@ -156,7 +157,7 @@ def test_image_smaller_than_crop_is_upscaled_with_a_warning(tmp_path, caplog, fr
     path = tmp_path / "tiny.png"
     Image.fromarray(np.full((10, 12, 3), 90, np.uint8)).save(path)
     dataset = ImageDataset([str(path)], [0], build_transform("dermoscopy", 32), image_size=32)
-    with caplog.at_level(logging.WARNING, logger="datamodules.base"):
+    with caplog.at_level(logging.WARNING, logger="medmetric.datamodules.base"):
         tensor, _ = dataset[0]
     assert tensor.shape == (3, 32, 32)  # decision: upscale (the random resized crop / resize does it)
     record("image smaller than the crop", caplog.messages[0])

@@ -15,17 +15,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from datamodules.chest_xray import CHESTXRAY14_LABELS
-from datamodules.histopathology import KIMIA_CLASSES
-from datamodules.medmnist import MedMNISTDataModule
-from datamodules.skin import HAM10000DataModule
-from datamodules.synthetic import write_chestxray14, write_ham10000, write_isic2019
-from datamodules.synthetic_histopathology import (
+from medmetric.datamodules.chest_xray import CHESTXRAY14_LABELS
+from medmetric.datamodules.histopathology import KIMIA_CLASSES
+from medmetric.datamodules.medmnist import MedMNISTDataModule
+from medmetric.datamodules.skin import HAM10000DataModule
+from medmetric.datamodules.synthetic import write_chestxray14, write_ham10000, write_isic2019
+from medmetric.datamodules.synthetic_histopathology import (
     write_kimia_hdf5,
     write_kimia_rgb,
     write_patch_folders,
 )
-from experiments import check_data
+from medmetric.experiments import check_data
 
 UNSEEN = ["Edema", "Pneumonia", "Emphysema", "Fibrosis"]
 

@@ -10,8 +10,12 @@ import pandas as pd
 import pytest
 import torch
 
-from datamodules.chest_xray import CHESTXRAY14_LABELS, ChestXray14DataModule, parse_finding_labels
-from datamodules.synthetic import write_chestxray14
+from medmetric.datamodules.chest_xray import (
+    CHESTXRAY14_LABELS,
+    ChestXray14DataModule,
+    parse_finding_labels,
+)
+from medmetric.datamodules.synthetic import write_chestxray14
 
 UNSEEN = ["Edema", "Pneumonia", "Emphysema", "Fibrosis"]
 

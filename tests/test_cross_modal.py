@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from datamodules.chest_xray import DEFAULT_UNSEEN, ChestXray14DataModule
-from lightning_modules.cross_modal import CrossModalModule
-from lightning_modules.text_embeddings import LocalTextEncoder, embed_texts, load_label_texts
+from medmetric.datamodules.chest_xray import DEFAULT_UNSEEN, ChestXray14DataModule
+from medmetric.lightning_modules.cross_modal import CrossModalModule
+from medmetric.text.label_embeddings import LocalTextEncoder, embed_texts, load_label_texts
 from tests.test_text_embeddings import CXR14, LABELS_YAML, write_tiny_text_encoder
 
 

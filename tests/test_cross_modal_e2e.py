@@ -15,9 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules.chest_xray import CHESTXRAY14_LABELS, DEFAULT_UNSEEN
-from experiments.cli import main
-from experiments.gzsl_table import blob_basis, text_codes, write_text_tied_chestxray14
+from medmetric.datamodules.chest_xray import CHESTXRAY14_LABELS, DEFAULT_UNSEEN
+from medmetric.experiments.cli import main
+from medmetric.experiments.gzsl_table import blob_basis, text_codes, write_text_tied_chestxray14
 from tests.test_text_embeddings import write_tiny_text_encoder
 
 pytestmark = pytest.mark.slow

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lightning_modules.losses.cross_modal import (
+from medmetric.lightning_modules.losses.cross_modal import (
     CROSS_MODAL_LOSSES,
     DualWeightedMetricLoss,
     WeightedFocusedEuclideanLoss,

@@ -16,8 +16,8 @@ import pandas as pd
 import pytest
 import torch
 
-from datamodules.images import ImageReadError
-from datamodules.skin import (
+from medmetric.datamodules.images import ImageReadError
+from medmetric.datamodules.skin import (
     HAM10000_CLASSES,
     ISIC2019_CLASSES,
     HAM10000DataModule,

@@ -46,7 +46,7 @@ def stage1_ddp(ham_root, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("ddp")
     record = tmp_path / "record"
     command = [
-        sys.executable, "-m", "experiments", "fit", "--config", "experiments/ham10000/stage1.yaml",
+        sys.executable, "-m", "medmetric.experiments", "fit", "--config", "experiments/ham10000/stage1.yaml",
         f"--data.data_dir={ham_root}", f"--runs_dir={tmp_path / 'runs'}", "--experiment=ddp",
         "--model.backbone=test_resnet", "--data.image_size=32", "--data.batch_size=16", "--data.m_per_class=4",
         "--data.preload=false", "--trainer.max_epochs=1", "--trainer.limit_train_batches=3",
@@ -81,7 +81,7 @@ def test_two_process_stage2_fit_reads_one_manifest_and_one_feature_cache(stage1_
     tmp_path, _ = stage1_ddp
     record = tmp_path / "record2"
     command = [
-        sys.executable, "-m", "experiments", "fit", "--config", "experiments/ham10000/stage2.yaml",
+        sys.executable, "-m", "medmetric.experiments", "fit", "--config", "experiments/ham10000/stage2.yaml",
         "--config", "experiments/trainer/ddp_cpu.yaml", f"--data.data_dir={ham_root}", f"--runs_dir={tmp_path / 'runs'}",
         "--experiment=ddp", "--data.image_size=32", "--data.batch_size=16", "--data.preload=false",
         "--data.augment=none", "--model.feature_cache=true", "--trainer.max_epochs=1", "--trainer.limit_train_batches=3",

@@ -6,11 +6,11 @@ import shutil
 import pytest
 import torch
 
-from callbacks.handoff import (
+from medmetric.run_io.atomic import file_sha256
+from medmetric.run_io.manifest import (
     MANIFEST_FORMAT,
     HandoffError,
     check_manifest,
-    file_sha256,
     read_manifest,
     write_manifest,
 )

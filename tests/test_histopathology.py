@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from datamodules.histopathology import (
+from medmetric.datamodules.histopathology import (
     KIMIA_CLASSES,
     KimiaPath24DataModule,
     PatchCSVDataModule,
@@ -17,13 +17,13 @@ from datamodules.histopathology import (
     load_patch,
     scan_grid,
 )
-from datamodules.images import load_rgb
-from datamodules.synthetic_histopathology import (
+from medmetric.datamodules.images import load_rgb
+from medmetric.datamodules.synthetic_histopathology import (
     write_kimia_hdf5,
     write_kimia_rgb,
     write_patch_folders,
 )
-from datamodules.transforms import PRESETS
+from medmetric.datamodules.transforms import PRESETS
 
 SMALL = {"image_size": 32, "batch_size": 8, "num_workers": 0}
 

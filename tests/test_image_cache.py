@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from datamodules.cache import open_image_cache, stored_min_side
-from datamodules.images import load_rgb
+from medmetric.datamodules.cache import open_image_cache, stored_min_side
+from medmetric.datamodules.images import load_rgb
 from tests.conftest import REPO
 
 SIZES = [(200, 150), (150, 200), (64, 64), (90, 40), (33, 47)]  # (width, height): mixed aspect ratios
@@ -79,7 +79,7 @@ def test_reused_when_fresh_rebuilt_when_a_file_is_touched_or_replaced(tmp_path):
 BUILDER = """
 import json, sys, time
 from pathlib import Path
-from datamodules.cache import open_image_cache
+from medmetric.datamodules.cache import open_image_cache
 paths, cache, go = json.loads(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
 while not go.exists():
     time.sleep(0.005)
@@ -109,7 +109,7 @@ def test_two_processes_opening_at_once_build_once_and_read_the_same(tmp_path):
 
 
 def test_datamodule_serves_the_same_samples_from_the_cache(ham_root, tmp_path):
-    from datamodules.skin import HAM10000DataModule
+    from medmetric.datamodules.skin import HAM10000DataModule
 
     common = {"data_dir": str(ham_root), "image_size": 32, "batch_size": 16, "num_workers": 0, "augment": "none"}
     cached = HAM10000DataModule(**common, image_cache_dir=str(tmp_path / "cache"))

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lightning_modules.metrics.kimia import confusion_from_predictions, kimia_accuracies
+from medmetric.lightning_modules.metrics.kimia import confusion_from_predictions, kimia_accuracies
 
 
 def test_hand_computed_confusion_matrix():

@@ -7,9 +7,13 @@ import torch
 import torch.nn.functional as F
 from pytorch_metric_learning import losses as pml_losses
 
-from lightning_modules.losses import METRIC_LOSSES, build_metric_loss, class_weights_from_counts
-from lightning_modules.losses.pml import PML_LOSSES
-from lightning_modules.metric_pretrain import MetricPretrainModule
+from medmetric.lightning_modules.losses import (
+    METRIC_LOSSES,
+    build_metric_loss,
+    class_weights_from_counts,
+)
+from medmetric.lightning_modules.losses.pml import PML_LOSSES
+from medmetric.lightning_modules.metric_pretrain import MetricPretrainModule
 
 PAIR_BASED = ["supcon", "triplet", "contrastive", "multi_similarity", "circle", "ntxent"]
 C, D = 4, 8

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_modules.losses.center import CenterLoss
-from lightning_modules.losses.class_center_triplet import ClassCenterTripletLoss
+from medmetric.lightning_modules.losses.center import CenterLoss
+from medmetric.lightning_modules.losses.class_center_triplet import ClassCenterTripletLoss
 
 C, D, MARGIN = 4, 8, 0.2
 

@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 import torch
 
-from datamodules.chest_xray import CHESTXRAY14_LABELS
-from datamodules.medmnist import MedMNISTDataModule
-from experiments.cli import main
+from medmetric.datamodules.chest_xray import CHESTXRAY14_LABELS
+from medmetric.datamodules.medmnist import MedMNISTDataModule
+from medmetric.experiments.cli import main
 from tests.conftest import REPO
 
 REAL_PNEUMONIAMNIST = REPO.parent / "shared" / "data" / "pneumoniamnist" / "pneumoniamnist.npz"

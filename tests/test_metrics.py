@@ -18,7 +18,7 @@ from sklearn.metrics import (
 )
 from torchmetrics.utilities.data import dim_zero_sum
 
-from lightning_modules.metrics import ClassificationMetrics
+from medmetric.lightning_modules.metrics import ClassificationMetrics
 
 C = 7
 NAMES = ["MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]

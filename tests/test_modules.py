@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_modules.metric_pretrain import MetricPretrainModule
+from medmetric.lightning_modules.metric_pretrain import MetricPretrainModule
 from tests.conftest import make_stage1_handoff
 
 CLASSES = ["a", "b", "c"]
@@ -66,7 +66,7 @@ def test_contradictory_options_are_refused():
 
 
 def test_crt_loads_the_stage1_backbone_frozen_in_eval_mode(tmp_path):
-    from lightning_modules.rebalanced_head import RebalancedHeadModule
+    from medmetric.lightning_modules.rebalanced_head import RebalancedHeadModule
 
     handoff = make_stage1_handoff(tmp_path, CLASSES)
     stage1_backbone = torch.load(tmp_path / "backbone.pt", weights_only=True)
@@ -82,8 +82,8 @@ def test_crt_loads_the_stage1_backbone_frozen_in_eval_mode(tmp_path):
 
 
 def test_crt_refuses_another_class_list_or_backbone(tmp_path):
-    from callbacks.handoff import HandoffError
-    from lightning_modules.rebalanced_head import RebalancedHeadModule
+    from medmetric.lightning_modules.rebalanced_head import RebalancedHeadModule
+    from medmetric.run_io.manifest import HandoffError
 
     handoff = make_stage1_handoff(tmp_path, CLASSES)
     with pytest.raises(HandoffError, match="trained on classes"):

@@ -17,9 +17,9 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from datamodules.chest_xray import CHESTXRAY14_LABELS, ChestXray14DataModule
-from experiments.cli import main
-from lightning_modules.multilabel_pretrain import MultiLabelPretrainModule
+from medmetric.datamodules.chest_xray import CHESTXRAY14_LABELS, ChestXray14DataModule
+from medmetric.experiments.cli import main
+from medmetric.lightning_modules.multilabel_pretrain import MultiLabelPretrainModule
 
 pytestmark = pytest.mark.slow
 

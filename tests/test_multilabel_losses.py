@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from lightning_modules.losses.multilabel import MULTILABEL_LOSSES, build_multilabel_loss
+from medmetric.lightning_modules.losses.multilabel import MULTILABEL_LOSSES, build_multilabel_loss
 
 POSITIVES = [30, 5, 0, 90]  # label 2 has no positive (GZSL-like), label 3 is common
 NUM_SAMPLES = 100

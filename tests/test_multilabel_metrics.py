@@ -10,7 +10,11 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
-from lightning_modules.metrics.multilabel import MultiLabelMetrics, choose_f1_thresholds, gzsl_auroc
+from medmetric.lightning_modules.metrics.multilabel import (
+    MultiLabelMetrics,
+    choose_f1_thresholds,
+    gzsl_auroc,
+)
 
 NAMES = ["a", "b", "c", "d", "e"]
 

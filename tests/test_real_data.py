@@ -9,7 +9,7 @@ import json
 import pandas as pd
 import pytest
 
-from experiments.cli import main
+from medmetric.experiments.cli import main
 from tests.conftest import require_real_ham10000
 
 pytestmark = [pytest.mark.real_data, pytest.mark.slow]

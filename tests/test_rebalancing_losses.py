@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_modules.losses.rebalancing import (
+from medmetric.lightning_modules.losses.rebalancing import (
     HEAD_LOSSES,
     BalancedSoftmaxLoss,
     CrossEntropyLoss,

@@ -1,4 +1,4 @@
-"""``experiments.report`` on fake run folders laid out exactly as the framework writes them.
+"""``medmetric.experiments.report`` on fake run folders laid out exactly as the framework writes them.
 
 Two configs (CE, lr 0.05, three seeds; SupCon, lr 0.1, two seeds) with fixed random metrics; the
 CE runs carry test_outputs.npz (one with embeddings), the SupCon runs none. Numbers are checked
@@ -18,8 +18,8 @@ import pytest
 import yaml
 from matplotlib.image import imread
 
-from experiments import report
-from experiments.report import main
+from medmetric.experiments import report
+from medmetric.experiments.report import main
 
 CLASSES = ["akiec", "bcc", "mel", "nv"]
 N_TEST = 80
@@ -59,11 +59,11 @@ def write_run(root: Path, experiment: str, seed: int, *, lr: float, stage: str =
         "seed_everything": seed,
         "trainer": {"max_epochs": 2, "default_root_dir": str(run), "logger": None, "callbacks": None},
         "model": {
-            "class_path": "lightning_modules.rebalanced_head.RebalancedHeadModule",
+            "class_path": "medmetric.lightning_modules.rebalanced_head.RebalancedHeadModule",
             "init_args": {"handoff": f"{root}/{experiment}/handoff.json", "strategy": "crt", "lr": lr},
         },
         "data": {
-            "class_path": "datamodules.skin.HAM10000DataModule",
+            "class_path": "medmetric.datamodules.skin.HAM10000DataModule",
             "init_args": {"data_dir": "data/ham", "split_file": f"{root}/{experiment}/split.csv", "seed": seed, "batch_size": 64},
         },
         "experiment": experiment,

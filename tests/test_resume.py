@@ -32,7 +32,7 @@ BATCHES_PER_EPOCH = 4
 
 def fit(ham_root: Path, runs: Path, log: Path, *extra: str) -> subprocess.CompletedProcess:
     command = [
-        sys.executable, "-m", "experiments", "fit", "--config", "experiments/ham10000/stage1.yaml",
+        sys.executable, "-m", "medmetric.experiments", "fit", "--config", "experiments/ham10000/stage1.yaml",
         "--config", "experiments/trainer/cpu.yaml", f"--data.data_dir={ham_root}", f"--runs_dir={runs}",
         "--experiment=resume", "--wandb=disabled", "--model.backbone=test_resnet", "--data.image_size=32",
         "--data.batch_size=16", "--data.m_per_class=4", "--data.augment=none", "--data.preload=false",

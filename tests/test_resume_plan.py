@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments.resume import RUN_NAME_ENV, named_or_new_run_dir, plan_resume
+from medmetric.run_io.resume import RUN_NAME_ENV, named_or_new_run_dir, plan_resume
 
 
 def make_run(stage_dir: Path, name: str, finished: bool, last: bool = True) -> Path:

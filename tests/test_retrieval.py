@@ -12,7 +12,7 @@ from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 from pytorch_metric_learning.utils.inference import CustomKNN
 from torch.nn import functional as F
 
-from lightning_modules.metrics import RetrievalMetrics, retrieval_metrics
+from medmetric.lightning_modules.metrics import RetrievalMetrics, retrieval_metrics
 
 KS = (1, 2, 5, 10)
 
@@ -400,7 +400,7 @@ def test_retrieval_metric_states_are_cat_reduced():
 
 def test_large_k_path_matches_pml_and_topk():
     """Classes of several hundred: the CPU path sorts the top-k with numpy (k >= 256)."""
-    from lightning_modules.metrics.retrieval import _top_k_indices
+    from medmetric.lightning_modules.metrics.retrieval import _top_k_indices
 
     emb, labels = _embeddings(12, 900, classes=3)
     assert torch.bincount(labels).max() > 300

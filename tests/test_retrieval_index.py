@@ -12,12 +12,12 @@ import pandas as pd
 import pytest
 import torch
 
-from datamodules.synthetic_histopathology import write_patch_folders
-from experiments.cli import main
-from experiments.retrieval_eval import nearest_label_accuracies
-from lightning_modules.embedder import EmbedderError, load_embedder
-from lightning_modules.metrics.retrieval import merge_top_k, top_k_inner_product
-from lightning_modules.retrieval_index import RetrievalIndex, RetrievalIndexError, vote
+from medmetric.datamodules.synthetic_histopathology import write_patch_folders
+from medmetric.experiments.cli import main
+from medmetric.experiments.retrieval_eval import nearest_label_accuracies
+from medmetric.lightning_modules.metrics.retrieval import merge_top_k, top_k_inner_product
+from medmetric.retrieval.embedder import EmbedderError, load_embedder
+from medmetric.retrieval.index import RetrievalIndex, RetrievalIndexError, vote
 from tests.conftest import make_stage1_handoff
 
 
@@ -199,7 +199,7 @@ def test_open_set_classes_only_in_the_index_are_retrieved_and_voted(tmp_path):
     runs = tmp_path / "runs"
     main([
         "fit", "--config", "experiments/kimia_path24/stage1.yaml",
-        "--data=datamodules.histopathology.PatchFolderDataModule", f"--data.data_dir={tmp_path / 'train'}",
+        "--data=medmetric.datamodules.histopathology.PatchFolderDataModule", f"--data.data_dir={tmp_path / 'train'}",
         f"--runs_dir={runs}", "--experiment=open", "--model.backbone=test_resnet", "--data.image_size=32",
         "--data.batch_size=20", "--data.m_per_class=4", "--trainer.max_epochs=3", "--wandb=disabled",
         "--test_after_fit=false",
@@ -226,8 +226,8 @@ def test_open_set_classes_only_in_the_index_are_retrieved_and_voted(tmp_path):
 
 def test_csv_sources_with_hdf5_patches_and_retrieval_eval(tmp_path):
     """Index and query CSVs listing HDF5 patch references; retrieval_eval's values against a loop."""
-    from datamodules.synthetic_histopathology import write_kimia_hdf5
-    from experiments import retrieval_eval
+    from medmetric.datamodules.synthetic_histopathology import write_kimia_hdf5
+    from medmetric.experiments import retrieval_eval
 
     h5 = write_kimia_hdf5(tmp_path / "k.h5", scan_patches=(2, 2), n_test=1, patch_size=16, n_classes=3)
     refs = pd.DataFrame({"path": [f"{h5}::test_data/patches[{i}]" for i in range(3)], "label": ["s0", "s1", "s2"]})
@@ -250,7 +250,7 @@ def test_csv_sources_with_hdf5_patches_and_retrieval_eval(tmp_path):
                                 "--train", str(tmp_path / "train"), "--quiet", "--out", str(tmp_path / "r.json")]) == 0
     got = json.loads((tmp_path / "r.json").read_text())
     embedder = load_embedder(model, image_size=32)
-    from lightning_modules.embedder import embed_paths
+    from medmetric.retrieval.embedder import embed_paths
 
     def embedded(folder):
         paths = sorted(str(p) for p in Path(folder).glob("*/*.png"))

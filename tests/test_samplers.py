@@ -1,4 +1,4 @@
-"""Tests for datamodules.samplers: batch structure, coverage, determinism, DDP sharding."""
+"""Tests for medmetric.datamodules.samplers: batch structure, coverage, determinism, DDP sharding."""
 
 from __future__ import annotations
 
@@ -9,7 +9,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from datamodules.samplers import SAMPLERS, ClassBalancedBatchSampler, MPerClassBatchSampler
+from medmetric.datamodules.samplers import (
+    SAMPLERS,
+    ClassBalancedBatchSampler,
+    MPerClassBatchSampler,
+)
 
 
 def imbalanced_labels(counts: dict[int, int], seed: int = 0) -> np.ndarray:

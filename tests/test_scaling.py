@@ -12,9 +12,9 @@ import pytest
 import torch
 import yaml
 
-from datamodules.global_batch import per_device_batch_size
-from experiments.cli import MedMetricCLI
-from lightning_modules.lr_scaling import scaled_lr
+from medmetric.datamodules.global_batch import per_device_batch_size
+from medmetric.experiments.cli import MedMetricCLI
+from medmetric.lightning_modules.lr_scaling import scaled_lr
 from tests.conftest import REPO
 
 PRESETS = REPO / "experiments" / "trainer"
@@ -55,7 +55,7 @@ def test_per_device_batch_divides_the_global_batch_or_says_how_to_fix_it():
 
 
 def test_datamodule_derives_its_batch_from_the_global_batch_and_the_world(ham_root):
-    from datamodules.skin import HAM10000DataModule
+    from medmetric.datamodules.skin import HAM10000DataModule
 
     data = HAM10000DataModule(str(ham_root), image_size=32, batch_size=999, global_batch_size=64, num_workers=0)
     data.trainer = SimpleNamespace(world_size=4, accumulate_grad_batches=2, global_rank=0)
@@ -79,7 +79,7 @@ def test_cpu_fit_scales_the_lr_to_the_global_batch_and_converts_to_channels_last
         f"--data.data_dir={ham_root}", f"--runs_dir={tmp_path}", "--wandb=disabled", "--test_after_fit=false",
         "--model.backbone=test_resnet", "--data.image_size=32", "--data.m_per_class=4", "--data.preload=false",
         "--data.global_batch_size=16", "--model.lr=0.01", "--model.base_batch_size=8", "--model.lr_scaling=linear",
-        "--model.loss_lr_multiplier=1.0", "--trainer.fast_dev_run=1", "--trainer.callbacks+=callbacks.speed.SpeedOptions",
+        "--model.loss_lr_multiplier=1.0", "--trainer.fast_dev_run=1", "--trainer.callbacks+=medmetric.callbacks.speed.SpeedOptions",
     ])
     assert cli.datamodule.batch_size == 16
     (group,) = cli.trainer.optimizers[0].param_groups
@@ -93,8 +93,8 @@ def test_chest_xray_and_medmnist_derive_their_batch_from_the_global_batch(chestx
     """The multi-label and in-memory sources take --data.global_batch_size like the base class."""
     import numpy as np
 
-    from datamodules.chest_xray import ChestXray14DataModule
-    from datamodules.medmnist import MedMNISTDataModule
+    from medmetric.datamodules.chest_xray import ChestXray14DataModule
+    from medmetric.datamodules.medmnist import MedMNISTDataModule
 
     rng = np.random.default_rng(0)
     arrays = {}

@@ -1,4 +1,4 @@
-"""Unit tests of datamodules.splits: grouped stratified splitting and the saved split CSV.
+"""Unit tests of medmetric.datamodules.splits: grouped stratified splitting and the saved split CSV.
 
 Every property is checked against an independent recomputation (naive loops over groups,
 pandas crosstabs of the returned assignment, hand-made split files), never against the
@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from datamodules.splits import (
+from medmetric.datamodules.splits import (
     SPLIT_COLUMNS,
     check_groups_disjoint,
     grouped_stratified_split,

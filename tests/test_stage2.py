@@ -10,15 +10,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_modules.head_strategies import (
+from medmetric.lightning_modules.head_strategies import (
     LearnableWeightScaling,
     NearestClassMean,
     NearestNeighbours,
     TauNormalisedClassifier,
     balanced_accuracy,
 )
-from lightning_modules.heads import LinearHead, Projector
-from lightning_modules.rebalanced_head import RebalancedHeadModule
+from medmetric.lightning_modules.heads import LinearHead, Projector
+from medmetric.lightning_modules.rebalanced_head import RebalancedHeadModule
 from tests.conftest import make_stage1_handoff
 
 CLASSES = ["a", "b", "c"]
@@ -140,7 +140,7 @@ def test_unknown_strategy_and_bad_strategy_arguments_name_the_key(tmp_path):
 # --- end to end through the CLI ------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def stage1_run(ham_root, tmp_path_factory):
-    from experiments.cli import main
+    from medmetric.experiments.cli import main
 
     runs = tmp_path_factory.mktemp("runs")
     main([
@@ -152,7 +152,7 @@ def stage1_run(ham_root, tmp_path_factory):
 
 
 def stage2(runs, ham_root, *flags):
-    from experiments.cli import main
+    from medmetric.experiments.cli import main
 
     cli = main([
         "fit", "--config", "experiments/ham10000/stage2.yaml", f"--data.data_dir={ham_root}", f"--runs_dir={runs}",
@@ -222,8 +222,8 @@ def test_shift_bn_reestimates_statistics_as_the_mean_over_stage2_batches(tmp_pat
 
 def test_one_stage_baseline_uses_the_chosen_head_loss():
     """Stage 1 with metric_weight=0 and head_loss=balanced_softmax is that one-stage baseline."""
-    from lightning_modules.losses.rebalancing import BalancedSoftmaxLoss
-    from lightning_modules.metric_pretrain import MetricPretrainModule
+    from medmetric.lightning_modules.losses.rebalancing import BalancedSoftmaxLoss
+    from medmetric.lightning_modules.metric_pretrain import MetricPretrainModule
 
     torch.manual_seed(0)
     module = MetricPretrainModule(CLASSES, backbone="test_resnet", metric_weight=0.0, head_loss="balanced_softmax")

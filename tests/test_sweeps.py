@@ -97,9 +97,10 @@ def test_every_sweep_file_is_well_formed():
 
 def untrained_stage1_manifest(ham_root: Path, folder: Path) -> Path:
     """A stage-1 manifest of an untrained model on the default split (the split stage 2 makes)."""
-    from callbacks.handoff import stage1_manifest, write_manifest
-    from datamodules.skin import HAM10000DataModule
-    from lightning_modules.metric_pretrain import MetricPretrainModule
+    from medmetric.callbacks.handoff import stage1_manifest
+    from medmetric.datamodules.skin import HAM10000DataModule
+    from medmetric.lightning_modules.metric_pretrain import MetricPretrainModule
+    from medmetric.run_io.manifest import write_manifest
 
     data = HAM10000DataModule(str(ham_root), image_size=32)
     data.setup("fit")

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from sklearn.metrics import balanced_accuracy_score
 
-from datamodules.synthetic import (
+from medmetric.datamodules.synthetic import (
     HAM10000_CLASSES,
     ISIC2019_CLASSES,
     write_ham10000,

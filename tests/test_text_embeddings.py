@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from lightning_modules.text_embeddings import (
+from medmetric.text.label_embeddings import (
     DEFAULT_TEXT_ENCODER,
     LocalTextEncoder,
     embed_texts,

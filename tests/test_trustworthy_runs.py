@@ -24,16 +24,17 @@ import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.demos.boring_classes import BoringModel
 
-from callbacks.atomic_checkpoint import AtomicCheckpointIO, load_checkpoint_safely
-from callbacks.handoff import HandoffError, check_manifest, read_manifest, write_manifest
-from callbacks.selection_guard import SelectionOnTestError, ValidationOnlySelection
-from datamodules.images import ImageReadError
-from datamodules.integrity import GroupLeakError
-from datamodules.skin import HAM10000DataModule
-from datamodules.splits import write_split_csv
-from experiments import check_data, report
-from experiments.safe_config import ALLOW_ENV, UntrustedClassPathError, check_class_paths
-from lightning_modules.backbones import create_backbone, load_backbone_weights
+from medmetric.callbacks.atomic_checkpoint import AtomicCheckpointIO
+from medmetric.callbacks.selection_guard import SelectionOnTestError, ValidationOnlySelection
+from medmetric.datamodules.images import ImageReadError
+from medmetric.datamodules.integrity import GroupLeakError
+from medmetric.datamodules.skin import HAM10000DataModule
+from medmetric.datamodules.splits import write_split_csv
+from medmetric.experiments import check_data, report
+from medmetric.experiments.safe_config import ALLOW_ENV, UntrustedClassPathError, check_class_paths
+from medmetric.lightning_modules.backbones import create_backbone, load_backbone_weights
+from medmetric.run_io.atomic import load_checkpoint_safely
+from medmetric.run_io.manifest import HandoffError, check_manifest, read_manifest, write_manifest
 from tests.conftest import REPO, make_stage1_handoff, require_real_ham10000
 
 FAST = {"image_size": 32, "num_workers": 0, "batch_size": 16}
@@ -78,7 +79,7 @@ def test_duplicate_images_across_splits_are_reported(ham_copy, caplog):
     a = table[table["split"] == "train"].iloc[0]
     b = table[table["split"] == "test"].iloc[0]
     shutil.copyfile(a["path"], b["path"])  # same bytes under another id, in another split
-    with caplog.at_level("WARNING", logger="datamodules.integrity"):
+    with caplog.at_level("WARNING", logger="medmetric.datamodules.integrity"):
         set_up(ham_copy)  # same seed, same labels and groups: the same split
     (warning,) = [m for m in caplog.messages if "byte-identical" in m]
     assert "1 sets of byte-identical images sit in different splits" in warning
@@ -267,7 +268,7 @@ def test_every_torch_load_in_the_package_uses_weights_only_true():
 
 
 def test_config_class_paths_must_come_from_trusted_packages(monkeypatch):
-    config = {"model": {"class_path": "lightning_modules.metric_pretrain.MetricPretrainModule"},
+    config = {"model": {"class_path": "medmetric.lightning_modules.metric_pretrain.MetricPretrainModule"},
               "trainer": {"callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint"},
                                         {"class_path": "shady_pkg.hooks.Exfiltrate"}]}}
     monkeypatch.delenv(ALLOW_ENV, raising=False)
@@ -282,7 +283,7 @@ def test_config_class_paths_must_come_from_trusted_packages(monkeypatch):
 
 
 def _cli(args: list[str]):
-    from experiments.cli import main
+    from medmetric.experiments.cli import main
 
     return main(args)
 
@@ -301,7 +302,7 @@ def test_cli_refuses_an_untrusted_class_path_before_making_a_run_folder(ham_root
     with pytest.raises(UntrustedClassPathError, match=r"--allow_class_paths=shady_pkg or MEDMETRIC_ALLOW_CLASS_PATHS"):
         _cli(args)
     assert not runs.exists() and "shady_pkg.hooks" not in sys.modules  # refused before it was imported
-    from experiments.cli import MedMetricCLI
+    from medmetric.experiments.cli import MedMetricCLI
 
     # without main()'s pre-scan, the check of the parsed config still refuses it before instantiation
     with pytest.raises(UntrustedClassPathError, match=r"trainer.callbacks\[0\].class_path names 'shady_pkg"):
@@ -384,7 +385,7 @@ def test_check_data_reports_a_leaking_split_file_and_cross_split_duplicates(ham_
 def test_a_second_test_of_a_run_is_recorded_apart(tmp_path):
     from types import SimpleNamespace
 
-    from callbacks.results import ResultsWriter
+    from medmetric.callbacks.results import ResultsWriter
 
     module = SimpleNamespace(test_results={"balanced_accuracy": 0.5}, class_names=["a", "b"], test_confusion=[[1, 0], [0, 1]])
     trainer = SimpleNamespace(default_root_dir=str(tmp_path), ckpt_path="best.ckpt", datamodule=None)

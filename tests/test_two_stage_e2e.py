@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 import torch
 
-from callbacks.handoff import PATH_KEYS, HandoffError
-from experiments.cli import main
+from medmetric.experiments.cli import main
+from medmetric.run_io.manifest import PATH_KEYS, HandoffError
 
 pytestmark = pytest.mark.slow
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datamodules.images import ImageReadError
-from datamodules.transforms import PRESETS, build_transform
-from datamodules.xray_images import load_xray, to_channels
+from medmetric.datamodules.images import ImageReadError
+from medmetric.datamodules.transforms import PRESETS, build_transform
+from medmetric.datamodules.xray_images import load_xray, to_channels
 
 
 def test_8bit_gray_is_read_unchanged(tmp_path):

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lightning_modules.losses.base import MetricLoss
+from medmetric.lightning_modules.losses.base import MetricLoss
 
 
 class CenterLoss(MetricLoss):

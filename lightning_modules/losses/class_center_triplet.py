@@ -78,7 +78,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_modules.losses.base import MetricLoss, zero_loss
+from medmetric.lightning_modules.losses.base import MetricLoss, zero_loss
 
 CENTER_MODES = ("running_mean", "learnable")
 _EPS = 1e-12

@@ -12,9 +12,9 @@ from collections.abc import Callable
 
 from torch import nn
 
-from lightning_modules.losses.center import CenterLoss
-from lightning_modules.losses.class_center_triplet import ClassCenterTripletLoss
-from lightning_modules.losses.pml import PML_LOSSES
+from medmetric.lightning_modules.losses.center import CenterLoss
+from medmetric.lightning_modules.losses.class_center_triplet import ClassCenterTripletLoss
+from medmetric.lightning_modules.losses.pml import PML_LOSSES
 
 METRIC_LOSSES: dict[str, Callable[..., nn.Module]] = dict(PML_LOSSES)
 

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_modules.losses.base import class_weights_from_counts
+from medmetric.lightning_modules.losses.base import class_weights_from_counts
 
 KWARGS_KEY = "model.head_loss_kwargs"
 WEIGHTINGS = ("none", "inverse", "effective_number")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_modules.metrics.classification import balanced_accuracy_from_confusion
+from medmetric.lightning_modules.metrics.classification import balanced_accuracy_from_confusion
 
 __all__ = ["confusion_from_predictions", "kimia_accuracies"]
 

@@ -14,9 +14,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lightning_modules.losses import build_metric_loss
-from lightning_modules.losses import distributed as gather_module
-from lightning_modules.losses.distributed import gather_across_ranks
+from medmetric.lightning_modules.losses import build_metric_loss
+from medmetric.lightning_modules.losses import distributed as gather_module
+from medmetric.lightning_modules.losses.distributed import gather_across_ranks
 
 WORLD, PER_RANK, IN_DIM, EMB, CLASSES = 2, 12, 10, 8, 4
 LOSSES = {

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lightning_modules.metrics.multilabel import MultiLabelMetrics, choose_f1_thresholds
+from medmetric.lightning_modules.metrics.multilabel import MultiLabelMetrics, choose_f1_thresholds
 
 NAMES = ["a", "b", "c"]
 

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 import yaml
 
+from medmetric.run_io.atomic import atomic_write
+
 DEFAULT_TEXT_ENCODER = "all-MiniLM-L6-v2"
 TEXT_FIELDS = ("name", "description", "name_description")
 CACHE_FORMAT = "medmetric-text-embeddings/1"
@@ -195,10 +197,8 @@ def embed_texts(texts: Sequence[str], encoder: TextEncoder, cache_dir: str | Pat
     if vectors.ndim != 2 or vectors.shape[0] != len(texts) or not torch.isfinite(vectors).all():
         raise ValueError(f"text encoder {encoder.identity.split('|')[0]} returned {tuple(vectors.shape)} "
                          f"(finite: {bool(torch.isfinite(vectors).all())}) for {len(texts)} texts")
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save({"format": CACHE_FORMAT, "encoder": encoder.identity, "texts": texts, "embeddings": vectors}, tmp)
-    os.replace(tmp, path)
+    payload = {"format": CACHE_FORMAT, "encoder": encoder.identity, "texts": texts, "embeddings": vectors}
+    atomic_write(path, lambda handle: torch.save(payload, handle), what="label-text embedding cache")
     return vectors
 
 

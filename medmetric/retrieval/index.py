@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
@@ -32,8 +31,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from callbacks.handoff import write_json_atomic
-from lightning_modules.metrics.retrieval import merge_top_k, top_k_inner_product
+from medmetric.lightning_modules.metrics.retrieval import merge_top_k, top_k_inner_product
+from medmetric.run_io.atomic import atomic_write, write_json_atomic
 
 INDEX_FORMAT = "medmetric-index/1"
 BACKENDS = ("auto", "faiss", "torch")
@@ -188,13 +187,9 @@ class RetrievalIndex:
     def _write_chunk(folder: Path, block: np.ndarray, paths, labels) -> dict:
         name = f"{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:8]}"
         emb, ent = folder / f"{name}.npy", folder / f"{name}.csv"
-        tmp = folder / f".{name}.npy.tmp"
-        with open(tmp, "wb") as handle:
-            np.save(handle, block)
-        os.replace(tmp, emb)
-        tmp = folder / f".{name}.csv.tmp"
-        pd.DataFrame({"path": list(paths), "label": list(labels)}).to_csv(tmp, index=False)
-        os.replace(tmp, ent)
+        atomic_write(emb, lambda handle: np.save(handle, block), what="index chunk")
+        entries = pd.DataFrame({"path": list(paths), "label": list(labels)}).to_csv(index=False)
+        atomic_write(ent, lambda handle: handle.write(entries.encode()), what="index chunk entries")
         return {"embeddings": f"chunks/{emb.name}", "entries": f"chunks/{ent.name}", "count": int(len(block))}
 
     # --- search ----------------------------------------------------------------------------

@@ -24,6 +24,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from medmetric.run_io.atomic import atomic_write_text
+from medmetric.run_io.run_folders import new_run_dir
+
 log = logging.getLogger(__name__)
 
 RESUME_CKPT_ENV = "MEDMETRIC_RESUME_CKPT"  # rank zero's resolved checkpoint, for DDP children
@@ -102,10 +105,7 @@ def write_resume_record(folder: Path, plan: ResumePlan) -> None:
     if failed is not None and failed.is_file():  # the run goes on: keep the failure with its segment
         record["previous_failure"] = failed.read_text().strip()
         os.replace(failed, folder / "FAILED.before-resume")
-    path = folder / "resume.json"
-    tmp = path.with_name(".resume.json.tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    tmp.replace(path)
+    atomic_write_text(folder / "resume.json", json.dumps(record, indent=2), what="resume record")
 
 
 def resume_plan_for_process(ckpt_path: str | None, stage_dir: Path, is_ddp_child: bool) -> ResumePlan:
@@ -125,8 +125,6 @@ def named_or_new_run_dir(stage_dir: Path) -> Path:
     """``<stage>/$MEDMETRIC_RUN_NAME`` when set (multi-node launches, where every node must agree
     on one folder: e.g. the SLURM job id, which a requeued job keeps), else a new timestamped one.
     A named folder of a finished run is refused, never reused."""
-    from experiments.cli import new_run_dir
-
     name = os.environ.get(RUN_NAME_ENV)
     if not name:
         return new_run_dir(stage_dir)

@@ -25,11 +25,11 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_modules.backbones import create_backbone
-from lightning_modules.heads import Projector
+from medmetric.lightning_modules.backbones import create_backbone
+from medmetric.lightning_modules.heads import Projector
 
 EMBEDDINGS = ("projector", "backbone")
-EVAL_TRANSFORM = "resize + ImageNet normalisation (datamodules.transforms preset 'none')"
+EVAL_TRANSFORM = "resize + ImageNet normalisation (medmetric.datamodules.transforms preset 'none')"
 
 
 class EmbedderError(ValueError):
@@ -91,7 +91,7 @@ def _split_state(state: dict, prefix: str) -> dict:
 
 
 def _from_manifest(path: Path) -> tuple[dict, dict, dict | None, int, Path | None]:
-    from callbacks.handoff import read_manifest
+    from medmetric.run_io.manifest import read_manifest
 
     manifest = read_manifest(path)
     backbone_state = torch.load(manifest["backbone_weights"], map_location="cpu", weights_only=True)
@@ -166,8 +166,8 @@ def load_embedder(model: str | Path, embedding: str = "projector", image_size: i
 
 class _PathDataset(Dataset):
     def __init__(self, paths: Sequence[str], image_size: int):
-        from datamodules.histopathology import load_patch
-        from datamodules.transforms import build_transform
+        from medmetric.datamodules.histopathology import load_patch
+        from medmetric.datamodules.transforms import build_transform
 
         self.paths = list(paths)
         self.load = load_patch

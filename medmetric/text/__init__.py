@@ -1,0 +1,1 @@
+"""Label texts (names, clinical descriptions) and the sentence encoders that embed them."""
