@@ -282,6 +282,26 @@ def test_config_class_paths_must_come_from_trusted_packages(monkeypatch):
     check_class_paths(config)
 
 
+@pytest.mark.parametrize("path", [
+    "tests.test_trustworthy_runs.Toy",  # this repository's tests are not trusted by default
+    "bench.metric_losses.Anything",
+    "lightning_modules.metric_pretrain.MetricPretrainModule",  # the old generic top-level name
+    "medmetric_evil.Module",  # a prefix of the name, not the package
+])
+def test_only_medmetric_and_the_field_libraries_are_trusted_by_default(path, monkeypatch):
+    monkeypatch.delenv(ALLOW_ENV, raising=False)
+    with pytest.raises(UntrustedClassPathError, match=r"--allow_class_paths="):
+        check_class_paths({"model": {"class_path": path}})
+
+
+def test_a_named_module_is_allowed_with_what_is_below_it_only(monkeypatch):
+    monkeypatch.delenv(ALLOW_ENV, raising=False)
+    check_class_paths({"model": {"class_path": "tests.toys.ToyLoss"}}, "tests.toys")
+    check_class_paths({"model": {"class_path": "medmetric.lightning_modules.metric_pretrain.MetricPretrainModule"}})
+    with pytest.raises(UntrustedClassPathError):
+        check_class_paths({"model": {"class_path": "tests.toys_evil.ToyLoss"}}, "tests.toys")
+
+
 def _cli(args: list[str]):
     from medmetric.experiments.cli import main
 
