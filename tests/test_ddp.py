@@ -51,7 +51,7 @@ def stage1_ddp(ham_root, tmp_path_factory):
         "--model.backbone=test_resnet", "--data.image_size=32", "--data.batch_size=16", "--data.m_per_class=4",
         "--data.preload=false", "--trainer.max_epochs=1", "--trainer.limit_train_batches=3",
         "--config", "experiments/trainer/ddp_cpu.yaml", "--wandb=disabled",
-        "--trainer.callbacks+=tests.ddp.recorder.BatchRecorder", f"--trainer.callbacks.out_dir={record}",
+        "--allow_class_paths=tests.ddp.recorder", "--trainer.callbacks+=tests.ddp.recorder.BatchRecorder", f"--trainer.callbacks.out_dir={record}",
     ]
     result = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -85,7 +85,7 @@ def test_two_process_stage2_fit_reads_one_manifest_and_one_feature_cache(stage1_
         "--config", "experiments/trainer/ddp_cpu.yaml", f"--data.data_dir={ham_root}", f"--runs_dir={tmp_path / 'runs'}",
         "--experiment=ddp", "--data.image_size=32", "--data.batch_size=16", "--data.preload=false",
         "--data.augment=none", "--model.feature_cache=true", "--trainer.max_epochs=1", "--trainer.limit_train_batches=3",
-        "--wandb=disabled", "--trainer.callbacks+=tests.ddp.recorder.BatchRecorder", f"--trainer.callbacks.out_dir={record}",
+        "--wandb=disabled", "--allow_class_paths=tests.ddp.recorder", "--trainer.callbacks+=tests.ddp.recorder.BatchRecorder", f"--trainer.callbacks.out_dir={record}",
     ]
     result = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

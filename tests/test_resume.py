@@ -38,7 +38,7 @@ def fit(ham_root: Path, runs: Path, log: Path, *extra: str) -> subprocess.Comple
         "--data.batch_size=16", "--data.m_per_class=4", "--data.augment=none", "--data.preload=false",
         "--data.num_workers=0", "--trainer.max_epochs=2", f"--trainer.limit_train_batches={BATCHES_PER_EPOCH}",
         "--trainer.limit_val_batches=2", "--seed_everything=7",
-        "--trainer.callbacks+=tests.resume.probes.StepLog", f"--trainer.callbacks.path={log}", *extra,
+        "--allow_class_paths=tests.resume.probes", "--trainer.callbacks+=tests.resume.probes.StepLog", f"--trainer.callbacks.path={log}", *extra,
     ]
     return subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
 

@@ -202,19 +202,17 @@ def test_write_is_atomic_and_leaves_no_temp_files(table, tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["split.csv"]
     before = path.read_bytes()
 
-    # a write that crashes half-way must leave the previous split file intact
-    real_to_csv = pd.DataFrame.to_csv
+    # a write that crashes half-way (the disk fills before the data reaches it) must leave the
+    # previous split file intact and no temporary file behind
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
 
-    def crashing_to_csv(self, target, *args, **kwargs):
-        with open(target, "w") as f:
-            f.write("image_id,gro")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(pd.DataFrame, "to_csv", crashing_to_csv)
+    monkeypatch.setattr(os, "fsync", full_disk)
     changed = table.assign(split="train")
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OSError, match="the disk is full"):
         write_split_csv(path, changed)
-    monkeypatch.setattr(pd.DataFrame, "to_csv", real_to_csv)
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["split.csv"]
     assert path.read_bytes() == before
 
 
