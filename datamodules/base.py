@@ -1,8 +1,18 @@
-"""The DataModule family: index DataFrame -> grouped split -> Dataset -> sampler -> DataLoader.
+"""The DataModule family: index DataFrame -> split -> Dataset -> sampler -> DataLoader.
 
-A data source subclasses :class:`ImageClassificationDataModule` and implements only
-:meth:`read_index` (and ``class_names``); splitting, validation of the files, datasets,
-samplers and loaders are shared. Every check runs in ``setup``, before any training step.
+A data source subclasses :class:`ImageClassificationDataModule` and provides only what is
+about its files: ``class_names``, :meth:`read_index` (and, when its images are not plain
+files, ``load_image`` / :meth:`find_missing_images` / :meth:`describe_source` /
+:meth:`fingerprint_table`). What differs by kind of data is plugged in, not overridden:
+
+* ``split_planner`` (split_planner.py): grouped, official or saved splits and their checks;
+* ``task`` (tasks.py): targets, split checks, datasets, and the one eval transform that the
+  val/test loaders and :meth:`ordered_dataloader` share;
+* ``image_store`` (image_store.py): what is decoded ahead (nothing, RAM, the disk cache).
+
+The machinery here (setup, loaders, resume state, hashes) is the same for every source; a test
+(tests/test_composable_data.py) refuses a subclass that overrides it. Every check runs in
+``setup``, before any training step.
 """
 
 from __future__ import annotations
