@@ -1,8 +1,18 @@
-"""The DataModule family: index DataFrame -> grouped split -> Dataset -> sampler -> DataLoader.
+"""The DataModule family: index DataFrame -> split -> Dataset -> sampler -> DataLoader.
 
-A data source subclasses :class:`ImageClassificationDataModule` and implements only
-:meth:`read_index` (and ``class_names``); splitting, validation of the files, datasets,
-samplers and loaders are shared. Every check runs in ``setup``, before any training step.
+A data source subclasses :class:`ImageClassificationDataModule` and provides only what is
+about its files: ``class_names``, :meth:`read_index` (and, when its images are not plain
+files, ``load_image`` / :meth:`find_missing_images` / :meth:`describe_source` /
+:meth:`fingerprint_table`). What differs by kind of data is plugged in, not overridden:
+
+* ``split_planner`` (split_planner.py): grouped, official or saved splits and their checks;
+* ``task`` (tasks.py): targets, split checks, datasets, and the one eval transform that the
+  val/test loaders and :meth:`ordered_dataloader` share;
+* ``image_store`` (image_store.py): what is decoded ahead (nothing, RAM, the disk cache).
+
+The machinery here (setup, loaders, resume state, hashes) is the same for every source; a test
+(tests/test_composable_data.py) refuses a subclass that overrides it. Every check runs in
+``setup``, before any training step.
 """
 
 from __future__ import annotations
@@ -13,113 +23,29 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 
 from medmetric.datamodules.bad_images import SkipCounter, check_policy, skip_unreadable_collate
-from medmetric.datamodules.cache import open_image_cache
+from medmetric.datamodules.datasets import FeatureDataset, ImageDataset, RankShardSampler
 from medmetric.datamodules.global_batch import per_device_batch_size
-from medmetric.datamodules.images import (
-    ImageReadError,
-    find_missing,
-    load_rgb,
-    preload_images,
-    report_once,
-)
-from medmetric.datamodules.integrity import dataset_fingerprint, warn_duplicates_across_splits
+from medmetric.datamodules.image_store import FileImages
+from medmetric.datamodules.images import find_missing, load_rgb
+from medmetric.datamodules.integrity import dataset_fingerprint
 from medmetric.datamodules.resumable import ResumableDataLoader
 from medmetric.datamodules.samplers import SAMPLERS
-from medmetric.datamodules.splits import (
-    SPLITS,
-    check_groups_disjoint,
-    grouped_stratified_split,
-    read_split_csv,
-    write_split_csv,
-)
-from medmetric.datamodules.transforms import build_transform, transform_item
+from medmetric.datamodules.split_planner import GroupedSplit, check_every_class_in_every_split
+from medmetric.datamodules.splits import write_split_csv
+from medmetric.datamodules.tasks import SingleLabelTask
+from medmetric.datamodules.transforms import build_transform
+
+__all__ = ["FeatureDataset", "ImageClassificationDataModule", "ImageDataset", "RankShardSampler", "read_csv_checked"]
 
 log = logging.getLogger(__name__)
 
 INDEX_COLUMNS = ["image_id", "path", "label", "group"]
 SAMPLER_NAMES = ("instance", *SAMPLERS)
-
-
-class ImageDataset(Dataset):
-    """(image tensor, class id) pairs from file paths or from preloaded arrays.
-
-    An unreadable image raises (``bad_image_policy="error"``, naming the file) or is skipped
-    (``"skip"``: logged, counted in ``skipped`` across DataLoader workers, and dropped from its
-    batch by :func:`skip_unreadable_collate`). An image smaller than ``image_size`` is upscaled
-    by the transform, with a logged warning.
-
-    ``seed`` (training data): the transform is re-seeded before every item from (seed, epoch,
-    index) (datamodules/transforms.py::transform_item), so augmentations are reproducible.
-    """
-
-    def __init__(self, paths: Sequence[str], targets: Sequence[int], transform, images=None, loader=load_rgb,
-                 bad_image_policy: str = "error", image_size: int | None = None, skipped: SkipCounter | None = None,
-                 seed: int | None = None):
-        self.paths = list(paths)
-        self.targets = torch.as_tensor(np.asarray(targets, dtype=np.int64))
-        self.transform = transform
-        self.images = images
-        self.loader = loader
-        self.bad_image_policy = check_policy(bad_image_policy)
-        self.image_size = image_size
-        self.skipped = skipped if skipped is not None else SkipCounter()
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int):
-        try:
-            image = self.images[i] if self.images is not None else self.loader(self.paths[i])
-            if image is None:  # a preload that skipped this file
-                raise ImageReadError(f"cannot decode image {self.paths[i]} (found unreadable at preload)")
-        except ImageReadError as err:
-            if self.bad_image_policy == "error":
-                raise
-            self.skipped.add(self.paths[i])
-            log.warning("skipped unreadable image %s (data.bad_image_policy=skip): %s", self.paths[i], err)
-            return None
-        if self.image_size and min(image.shape[:2]) < self.image_size:
-            report_once("small", "image %s is %dx%d, smaller than data.image_size=%d: upscaled",
-                        self.paths[i], image.shape[1], image.shape[0], self.image_size)
-        return transform_item(self.transform, image, i, self.seed), self.targets[i]
-
-
-class FeatureDataset(Dataset):
-    """(feature vector, class id) pairs: stage 2 on cached backbone features."""
-
-    def __init__(self, features: torch.Tensor, targets: torch.Tensor):
-        self.features = features
-        self.targets = torch.as_tensor(targets, dtype=torch.long)
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, i: int):
-        return self.features[i], self.targets[i]
-
-
-class RankShardSampler(Sampler[int]):
-    """Evaluation indices ``rank, rank + world, ...``: every sample once over all ranks.
-
-    Unlike ``DistributedSampler`` nothing is padded, so DDP-synced metrics count each test
-    image exactly once.
-    """
-
-    def __init__(self, length: int, num_replicas: int, rank: int):
-        self.indices = list(range(rank, length, num_replicas))
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
 
 
 class ImageClassificationDataModule(L.LightningDataModule):
@@ -152,6 +78,12 @@ class ImageClassificationDataModule(L.LightningDataModule):
 
     group_key = "group"  # what the ``group`` column means for this source (lesion, patient, ...)
     load_image = staticmethod(load_rgb)  # path -> RGB uint8 array; a source may read e.g. HDF5
+
+    # --- the parts a source plugs in (instead of overriding the machinery below) -----------
+    split_planner = GroupedSplit()  # new / saved split and its leak checks (split_planner.py)
+    task = SingleLabelTask()  # targets, split checks, datasets, train and eval transform (tasks.py)
+    image_store = FileImages()  # what is decoded ahead: nothing, RAM, the disk cache (image_store.py)
+    missing_images_fix = "Put the image files in place or remove their rows from the metadata CSV before training"
 
     def __init__(
         self,
@@ -229,6 +161,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
             log.info("wrote split %s", self.split_file)
 
     def setup(self, stage: str | None = None) -> None:
+        """Index -> split (planner) -> split checks (task) -> decoded images (store) -> datasets (task)."""
         if self.table is not None:
             return
         table = self._indexed_table()
@@ -237,46 +170,11 @@ class ImageClassificationDataModule(L.LightningDataModule):
             log.info("reusing split %s", self.split_file)
         else:
             table["split"] = self._new_split(table)
-        self._check_every_class_in_every_split(table)
+        self.task.check_splits(self, table)
         self.table = table
         self._derive_batch_size()
-        images = self._decoded_images(table["path"].tolist())
-        train_tf = build_transform(self.augment, self.image_size)
-        eval_tf = build_transform("none", self.image_size)
-        for split in SPLITS:
-            rows = np.flatnonzero(table["split"].to_numpy() == split)
-            self.datasets[split] = ImageDataset(
-                table["path"].to_numpy()[rows],
-                table["target"].to_numpy()[rows],
-                train_tf if split == "train" else eval_tf,
-                None if images is None else images.take(rows) if hasattr(images, "take") else [images[i] for i in rows],
-                self.load_image,
-                self.bad_image_policy,
-                self.image_size,
-                self.skipped,
-                self.seed if split == "train" else None,
-            )
-
-    def _decoded_images(self, paths: list[str]):
-        """Images decoded ahead: the memory-mapped cache, RAM (preload), both, or None."""
-        if self.image_cache_dir:
-            self._check_cacheable()
-            cached = open_image_cache(paths, self.image_size, self.image_cache_dir)
-            return [cached[i] for i in range(len(cached))] if self.preload else cached
-        return self._preload(paths) if self.preload else None
-
-    def _check_cacheable(self) -> None:
-        if self.load_image is not load_rgb:
-            raise ValueError(
-                f"data.image_cache_dir: {type(self).__name__} reads images through its own loader "
-                "(e.g. HDF5 patches), which the image cache does not support; leave image_cache_dir unset"
-            )
-        if self.bad_image_policy == "skip":
-            raise ValueError(
-                "data.image_cache_dir cannot be combined with data.bad_image_policy=skip: the cache is "
-                "built from every image. Remove the unreadable files (`medmetric check-data` lists them) "
-                "or leave image_cache_dir unset"
-            )
+        images = self.image_store.decoded(self, table["path"].tolist())
+        self.datasets = self.task.datasets(self, table, images)
 
     def _derive_batch_size(self) -> None:
         if self.global_batch_size is not None:
@@ -285,18 +183,23 @@ class ImageClassificationDataModule(L.LightningDataModule):
             self.batch_size = per_device_batch_size(self.global_batch_size, world, accumulate)
 
     def _indexed_table(self) -> pd.DataFrame:
+        """``read_index`` checked: required columns, official split values, files present, targets."""
         table = self.read_index()
+        targets = table.attrs.get("targets")
         missing_cols = [c for c in INDEX_COLUMNS if c not in table.columns]
         if missing_cols:
             raise ValueError(f"{type(self).__name__}.read_index returned no columns {missing_cols}")
         table = table.reset_index(drop=True)
         fixed = table["split"].astype(str).to_numpy() if "split" in table.columns else None
-        table = table[INDEX_COLUMNS].copy()
+        table = table[INDEX_COLUMNS + [c for c in self.split_planner.keep_columns if c in table.columns]].copy()
         if fixed is not None:
-            bad = sorted(set(fixed) - {"train", "test"})
+            allowed = self.split_planner.fixed_values
+            bad = sorted(set(fixed) - set(allowed))
             if bad:
-                raise ValueError(f"{type(self).__name__}.read_index: split column values must be train/test, got {bad[:3]}")
+                raise ValueError(f"{type(self).__name__}.read_index: split column values must be {'/'.join(allowed)}, got {bad[:3]}")
             table["fixed_split"] = fixed
+        if targets is not None:
+            table.attrs["targets"] = targets
         if table.empty:
             raise ValueError(f"no images found in {self.data_dir}")
         missing = self.find_missing_images(table["path"].tolist())
@@ -304,32 +207,18 @@ class ImageClassificationDataModule(L.LightningDataModule):
             ids = table["image_id"].iloc[missing[:5]].tolist()
             raise FileNotFoundError(
                 f"{len(missing)} of {len(table)} images listed for {self.data_dir} are missing "
-                f"(first ids: {ids}; expected e.g. {table['path'].iloc[missing[0]]}). Put the image "
-                "files in place or remove their rows from the metadata CSV before training"
+                f"(first ids: {ids}; expected e.g. {table['path'].iloc[missing[0]]}). {self.missing_images_fix}"
             )
-        table["target"] = table["label"].map({c: i for i, c in enumerate(self.class_names)})
+        self.task.targets(self, table)
         return table
 
-    def _new_split(self, table: pd.DataFrame) -> np.ndarray:
-        if "fixed_split" in table.columns:  # official test set kept; val carved from train
-            split = table["fixed_split"].to_numpy().astype(object)
-            train = np.flatnonzero(split == "train")
-            split[train] = grouped_stratified_split(
-                table["label"].iloc[train], table["group"].iloc[train], self.val_fraction, 0.0, self.split_seed
-            )
-        else:
-            split = grouped_stratified_split(
-                table["label"], table["group"], self.val_fraction, self.test_fraction, self.split_seed
-            )
-        check_groups_disjoint(table["group"], pd.Series(split), source="new split",
-                              image_ids=table["image_id"], group_key=self.group_key)
-        warn_duplicates_across_splits(table, split, source=f"new split of {self.data_dir}")
-        return split
+    def _new_split(self, table: pd.DataFrame):
+        """A new split of the checked index (``split_planner``; check-data calls it too)."""
+        return self.split_planner.new(self, table)
 
-    def _saved_split(self, table: pd.DataFrame) -> np.ndarray:
-        """The split of ``split_file`` per row of ``table``, checked against the index (a source
-        with an official split also checks that the file keeps it)."""
-        return read_split_csv(self.split_file, table, self.group_key).to_numpy()
+    def _saved_split(self, table: pd.DataFrame):
+        """The split of ``split_file`` per row of ``table``, checked by the ``split_planner``."""
+        return self.split_planner.saved(self, table)
 
     # --- what `medmetric check-data` inspects (experiments/check_data.py) ---------------------
     def check_data_table(self) -> pd.DataFrame:
@@ -349,52 +238,31 @@ class ImageClassificationDataModule(L.LightningDataModule):
         """Positions of images that do not exist (files by default; a source may override)."""
         return find_missing(paths)
 
-    def _preload(self, paths: Sequence[str]) -> list[np.ndarray]:
-        skip = self.bad_image_policy == "skip"
-        if self.load_image is load_rgb:
-            return preload_images(paths, self.image_size, skip_unreadable=skip)
-        return [self._load_or_none(p) if skip else self.load_image(p) for p in paths]
-
-    def _load_or_none(self, path: str):
-        try:
-            return self.load_image(path)
-        except ImageReadError:
-            return None  # counted and logged by ImageDataset when fetched
-
     def _check_every_class_in_every_split(self, table: pd.DataFrame) -> None:
-        sizes = table["split"].value_counts()
-        empty_splits = [s for s in SPLITS if sizes.get(s, 0) == 0]
-        if empty_splits:
-            raise ValueError(
-                f"split {empty_splits[0]!r} of {self.data_dir} is empty ({ {s: int(sizes.get(s, 0)) for s in SPLITS} }): "
-                "every run needs train images, val images (model selection) and test images (the score). "
-                "Set data.val_fraction and data.test_fraction > 0, or fix the split file (delete it to make a new one)"
-            )
-        counts = pd.crosstab(table["label"], table["split"]).reindex(
-            index=self.class_names, columns=list(SPLITS), fill_value=0
-        )
-        empty = [(c, s) for c in self.class_names for s in SPLITS if counts.loc[c, s] == 0]
-        if empty:
-            where = ", ".join(f"{c!r} in {s}" for c, s in empty[:6])
-            totals = counts.sum(axis=1)
-            raise ValueError(
-                f"a class has no images in a split of {self.split_file or self.data_dir}: {where} (class totals: "
-                f"{ {c: int(totals[c]) for c, _ in empty[:6]} }, {self.group_key}s are kept whole). "
-                "Add images of that class, lower data.val_fraction/data.test_fraction, or change "
-                "data.split_seed (delete the split file first if one was saved)"
-            )
+        check_every_class_in_every_split(table, self.class_names, self.split_file or self.data_dir, self.data_dir, self.group_key)
+
+    def fingerprint_table(self, table: pd.DataFrame) -> pd.DataFrame:
+        """The rows the fingerprint hashes (a source whose images share one file may rewrite ``path``)."""
+        return table
 
     @property
     def class_counts(self) -> list[int]:
-        """Training images per class, in ``class_names`` order (for re-balancing losses)."""
+        """Training images per class (multi-label: positives per label), ``class_names`` order."""
         self._require_setup()
-        targets = self.datasets["train"].targets
-        return torch.bincount(targets, minlength=self.num_classes).tolist()
+        return self.task.class_counts(self, self.datasets["train"])
+
+    @property
+    def num_train_images(self) -> int:
+        """Training images (multi-label: negatives per label = num_train_images - class_counts)."""
+        self._require_setup()
+        return len(self.datasets["train"])
 
     def split_sha256(self) -> str:
         """Content hash of the split (image id -> split), identical for identical splits."""
         self._require_setup()
         text = "\n".join(f"{i},{s}" for i, s in sorted(zip(self.table["image_id"], self.table["split"], strict=True)))
+        if getattr(self, "unseen_labels", None):  # a GZSL split differs from the ordinary one
+            text += "\nunseen:" + ",".join(self.unseen_labels)
         return hashlib.sha256(text.encode()).hexdigest()
 
     def fingerprint(self, table: pd.DataFrame | None = None) -> str:
@@ -404,10 +272,12 @@ class ImageClassificationDataModule(L.LightningDataModule):
         fingerprints its own table without a setup.
         """
         if table is not None:
+            table = self.fingerprint_table(table)
             return dataset_fingerprint(table, self.data_dir, table["split"])
         self._require_setup()
         if getattr(self, "_fingerprint", None) is None:
-            self._fingerprint = dataset_fingerprint(self.table, self.data_dir, self.table["split"])
+            table = self.fingerprint_table(self.table)
+            self._fingerprint = dataset_fingerprint(table, self.data_dir, table["split"])
         return self._fingerprint
 
     @property
@@ -466,15 +336,12 @@ class ImageClassificationDataModule(L.LightningDataModule):
         return self._eval_loader("test")
 
     def ordered_dataloader(self, split: str, sharded: bool = True) -> DataLoader:
-        """All of ``split`` in order with the eval transform (no augmentation).
+        """All of ``split`` in order with the task's eval transform (the val/test loaders' one).
 
         Sharded by rank unless ``sharded=False``. Used to extract features (feature cache,
-        NCM/kNN/tau-norm fitting).
+        NCM/kNN/tau-norm fitting), which must see the tensors evaluation sees.
         """
-        dataset = self.datasets[split]
-        if isinstance(dataset, ImageDataset):
-            dataset = ImageDataset(dataset.paths, dataset.targets, build_transform("none", self.image_size), dataset.images,
-                                   dataset.loader, self.bad_image_policy, self.image_size, self.skipped)
+        dataset = self.task.ordered(self, self.datasets[split])
         world, rank = self._world() if sharded else (1, 0)
         sampler = RankShardSampler(len(dataset), world, rank)
         return DataLoader(dataset, batch_size=self.eval_batch_size, sampler=sampler, **self._loader_kwargs())

@@ -18,7 +18,6 @@ ever sees an unseen label; test keeps every label.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Sequence
@@ -26,22 +25,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
-from torch.utils.data import DataLoader, Dataset
 
-from medmetric.datamodules.base import (
-    ImageClassificationDataModule,
-    RankShardSampler,
-    read_csv_checked,
-)
-from medmetric.datamodules.splits import SPLITS, check_groups_disjoint, read_split_csv
-from medmetric.datamodules.transforms import build_transform, transform_item
-from medmetric.datamodules.xray_images import (
-    gray_normalisation,
-    load_xray,
-    preload_xrays,
-    to_channels,
-)
+from medmetric.datamodules.base import ImageClassificationDataModule, read_csv_checked
+from medmetric.datamodules.datasets import MultiLabelImageDataset
+from medmetric.datamodules.image_store import XrayFiles
+from medmetric.datamodules.split_planner import OfficialTestPatientSplit, patient_split
+from medmetric.datamodules.tasks import MultiLabelTask
+from medmetric.datamodules.xray_images import to_channels
+
+__all__ = ["ChestXray14DataModule", "MultiLabelImageDataset", "parse_finding_labels", "patient_split"]
 
 log = logging.getLogger(__name__)
 
@@ -54,31 +46,6 @@ DEFAULT_UNSEEN = ("Edema", "Pneumonia", "Emphysema", "Fibrosis")  # CXR-ML-GZSL 
 METADATA_NAMES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
 TRAIN_VAL_LIST, TEST_LIST = "train_val_list.txt", "test_list.txt"
 REQUIRED_COLUMNS = ("Image Index", "Finding Labels", "Patient ID")
-
-
-class MultiLabelImageDataset(Dataset):
-    """(image tensor, multi-hot float32 target) from X-ray files or preloaded gray arrays.
-
-    ``seed`` (training data): augmentation re-seeded per item from (seed, epoch, index).
-    """
-
-    def __init__(self, paths: Sequence[str], targets, transform, images=None, in_chans: int = 3, seed: int | None = None):
-        self.paths = list(paths)
-        self.targets = torch.as_tensor(np.asarray(targets, dtype=np.float32))
-        self.transform = transform
-        self.images = images
-        self.in_chans = in_chans
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int):
-        gray = self.images[i] if self.images is not None else load_xray(self.paths[i])
-        return transform_item(self.transform, to_channels(gray, self.in_chans), i, self.seed), self.targets[i]
-
-    def with_transform(self, transform, seed: int | None = None) -> MultiLabelImageDataset:
-        return MultiLabelImageDataset(self.paths, self.targets, transform, self.images, self.in_chans, seed)
 
 
 def parse_finding_labels(findings: pd.Series, path: Path, class_names: Sequence[str] = CHESTXRAY14_LABELS) -> np.ndarray:
@@ -129,18 +96,6 @@ def locate_xrays(data_dir: Path, names: pd.Series) -> pd.Series:
     return names.map(lambda n: found.get(n, str(data_dir / "images" / n)))
 
 
-def patient_split(patients: pd.Series, val_fraction: float, seed: int) -> np.ndarray:
-    """``train``/``val`` per image: patients shuffled (seeded), the first ones laid end to end
-    until ``val_fraction`` of the images are in val; each patient wholly in one split."""
-    if not 0 < val_fraction < 1:
-        raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
-    sizes = patients.value_counts().sort_index()
-    order = sizes.index.to_numpy()[np.random.default_rng(seed).permutation(len(sizes))]
-    starts = np.concatenate([[0], np.cumsum(sizes.loc[order].to_numpy())[:-1]]) / len(patients)
-    val = set(order[starts < val_fraction])
-    return np.where(patients.isin(val).to_numpy(), "val", "train")
-
-
 class ChestXray14DataModule(ImageClassificationDataModule):
     """ChestX-ray14, 14 findings, multi-label; see the module docstring for the layout.
 
@@ -153,6 +108,11 @@ class ChestXray14DataModule(ImageClassificationDataModule):
     """
 
     group_key = "patient"
+    split_planner = OfficialTestPatientSplit(TEST_LIST, TRAIN_VAL_LIST)
+    task = MultiLabelTask()
+    image_store = XrayFiles()
+    missing_images_fix = ("Extract every images_*.tar.gz archive there (images/ or images_*/images/), "
+                          "or remove the rows from the CSV and the lists")
 
     def __init__(
         self,
@@ -258,110 +218,3 @@ class ChestXray14DataModule(ImageClassificationDataModule):
         })
         table.attrs["targets"] = parse_finding_labels(meta["Finding Labels"], path, self.class_names)
         return table
-
-    def _indexed_table(self) -> pd.DataFrame:
-        table = self.read_index()
-        targets = table.attrs["targets"]
-        table = super_index_checks(self, table)
-        table.attrs["targets"] = targets
-        return table
-
-    def _new_split(self, table: pd.DataFrame) -> np.ndarray:
-        split = np.full(len(table), "test", dtype=object)
-        train_val = (table["official"] == "train_val").to_numpy()
-        split[train_val] = patient_split(table["group"][train_val], self.val_fraction, self.split_seed)
-        check_groups_disjoint(table["group"], pd.Series(split), source=f"{self.data_dir} official lists")
-        return split
-
-    def _saved_split(self, table: pd.DataFrame) -> np.ndarray:
-        split = read_split_csv(self.split_file, table).to_numpy()
-        moved = (split == "test") != (table["official"] == "test").to_numpy()
-        if moved.any():
-            raise ValueError(
-                f"split file {self.split_file}: {int(moved.sum())} images disagree with the official "
-                f"{TEST_LIST} (e.g. {table['image_id'][moved].iloc[0]!r}); delete the split file to re-make it"
-            )
-        return split
-
-    # --- setup -----------------------------------------------------------------------------------
-    def setup(self, stage: str | None = None) -> None:
-        if self.table is not None:
-            return
-        self._derive_batch_size()  # --data.global_batch_size (datamodules/global_batch.py)
-        table = self._indexed_table()
-        targets = table.attrs["targets"]
-        if self.split_file is not None and self.split_file.exists():
-            table["split"] = self._saved_split(table)
-            log.info("reusing split %s", self.split_file)
-        else:
-            table["split"] = self._new_split(table)
-        keep = np.ones(len(table), dtype=bool)
-        if self.unseen_labels:
-            unseen, seen = self.unseen_idx, self.seen_idx
-            only_unseen = (targets[:, unseen].sum(1) > 0) & (targets[:, seen].sum(1) == 0)
-            keep = ~(only_unseen & (table["split"] != "test").to_numpy())
-        self.table = table
-        self.held_out_unseen_only = int((~keep).sum())
-        images = preload_xrays(table["path"].tolist(), self.image_size) if self.preload else None
-        norm = gray_normalisation(self.in_chans)
-        train_tf = build_transform(self.augment, self.image_size, **norm)
-        eval_tf = build_transform("none", self.image_size, **norm)
-        for split in SPLITS:
-            rows = np.flatnonzero((table["split"].to_numpy() == split) & keep)
-            split_targets = targets[rows].copy()
-            if self.unseen_labels and split != "test":
-                split_targets[:, self.unseen_idx] = 0.0
-            if len(rows) == 0:
-                raise ValueError(f"{self.data_dir}: the {split} split is empty; check the official lists and data.val_fraction")
-            self.datasets[split] = MultiLabelImageDataset(
-                table["path"].to_numpy()[rows], split_targets,
-                train_tf if split == "train" else eval_tf,
-                [images[i] for i in rows] if images is not None else None,
-                self.in_chans,
-                self.seed if split == "train" else None,
-            )
-
-    # --- what modules read -----------------------------------------------------------------------
-    @property
-    def class_counts(self) -> list[int]:
-        """Positive training images per label (``class_names`` order; 0 for unseen labels)."""
-        self._require_setup()
-        return self.datasets["train"].targets.sum(0).round().long().tolist()
-
-    @property
-    def num_train_images(self) -> int:
-        """Training images, so that negatives per label = num_train_images - class_counts."""
-        self._require_setup()
-        return len(self.datasets["train"])
-
-    def split_sha256(self) -> str:
-        """Content hash of image id -> split, plus the unseen labels (a GZSL split differs)."""
-        self._require_setup()
-        text = "\n".join(f"{i},{s}" for i, s in sorted(zip(self.table["image_id"], self.table["split"], strict=True)))
-        if self.unseen_labels:
-            text += "\nunseen:" + ",".join(self.unseen_labels)
-        return hashlib.sha256(text.encode()).hexdigest()
-
-    def ordered_dataloader(self, split: str, sharded: bool = True) -> DataLoader:
-        """All of ``split`` in order with the eval transform, sharded by rank unless told not to."""
-        dataset = self.datasets[split]
-        if isinstance(dataset, MultiLabelImageDataset):
-            dataset = dataset.with_transform(build_transform("none", self.image_size, **gray_normalisation(self.in_chans)))
-        world, rank = self._world() if sharded else (1, 0)
-        sampler = RankShardSampler(len(dataset), world, rank)
-        return DataLoader(dataset, batch_size=self.eval_batch_size, sampler=sampler, **self._loader_kwargs())
-
-
-def super_index_checks(datamodule: ImageClassificationDataModule, table: pd.DataFrame) -> pd.DataFrame:
-    """The base class's checks (columns, empty, missing files) on an already-read index."""
-    if table.empty:
-        raise ValueError(f"no images in the official lists of {datamodule.data_dir}")
-    missing = [i for i, p in enumerate(table["path"].tolist()) if not Path(p).is_file()]
-    if missing:
-        ids = table["image_id"].iloc[missing[:5]].tolist()
-        raise FileNotFoundError(
-            f"{len(missing)} of {len(table)} images listed for {datamodule.data_dir} are missing "
-            f"(first ids: {ids}; expected e.g. {table['path'].iloc[missing[0]]} or images_*/images/). "
-            "Extract every images_*.tar.gz archive there, or remove the rows from the CSV and the lists"
-        )
-    return table.reset_index(drop=True)

@@ -15,19 +15,19 @@ from __future__ import annotations
 import logging
 import re
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
-from torch.utils.data import DataLoader
 
-from medmetric.datamodules.base import ImageClassificationDataModule, ImageDataset, RankShardSampler
-from medmetric.datamodules.chest_xray import CHESTXRAY14_LABELS, MultiLabelImageDataset
-from medmetric.datamodules.integrity import dataset_fingerprint
-from medmetric.datamodules.splits import SPLITS, read_split_csv, write_split_csv
-from medmetric.datamodules.transforms import build_transform
-from medmetric.datamodules.xray_images import gray_normalisation, to_channels
+from medmetric.datamodules.base import ImageClassificationDataModule
+from medmetric.datamodules.chest_xray import CHESTXRAY14_LABELS
+from medmetric.datamodules.image_store import InMemoryArrays
+from medmetric.datamodules.split_planner import OfficialSplit
+from medmetric.datamodules.splits import SPLITS
+from medmetric.datamodules.tasks import MultiLabelTask, SingleLabelTask
+from medmetric.datamodules.xray_images import to_channels
 
 log = logging.getLogger(__name__)
 NPZ_SEP = "::"  # check-data's reference to one image: "<npz>::<split>_images[<i>]"
@@ -111,6 +111,8 @@ class MedMNISTDataModule(ImageClassificationDataModule):
     """
 
     group_key = "image"  # MedMNIST has no patient ids; the official split is used as is
+    split_planner = OfficialSplit()
+    image_store = InMemoryArrays()  # the npz arrays, in RAM with in_chans channels
 
     def __init__(
         self,
@@ -154,6 +156,8 @@ class MedMNISTDataModule(ImageClassificationDataModule):
         if len(names) != count:
             raise ValueError(f"{self.npz_path}: {count} classes in the labels but {len(names)} names {names} (data.class_names)")
         self._class_names = list(names)
+        self.task = MultiLabelTask() if self.multilabel else SingleLabelTask()
+        self.official_split_name = self.npz_path.name
         self.unseen_labels: list[str] = []  # multi-label modules read this (no GZSL here)
 
     @property
@@ -164,26 +168,23 @@ class MedMNISTDataModule(ImageClassificationDataModule):
     def seen_labels(self) -> list[str]:
         return list(self._class_names)
 
-    def _official_table(self) -> pd.DataFrame:
+    def read_index(self) -> pd.DataFrame:
+        """The official table: ``path`` is ``<npz>::<split>_images[<i>]`` (read by :meth:`load_image`),
+        ``split`` the npz's own; multi-label targets in ``attrs['targets']``."""
         rows = []
         for split, (_, labels) in self.arrays.items():
             ids = [f"{split}_{i:06d}" for i in range(len(labels))]
             text = ["|".join(self._class_names[j] for j in np.flatnonzero(y)) if self.multilabel else self._class_names[y[0]] for y in labels]
-            rows.append(pd.DataFrame({"image_id": ids, "group": ids, "label": text, "split": split}))
-        return pd.concat(rows, ignore_index=True)
-
-    def prepare_data(self) -> None:
-        if self.split_file is not None and not self.split_file.exists():
-            write_split_csv(self.split_file, self._official_table())
-
-    # --- check-data: the images are rows of the npz arrays, not files --------------------------
-    def check_data_table(self) -> pd.DataFrame:
-        """The official table; ``path`` is ``<npz>::<split>_images[<i>]``, read by :meth:`load_image`."""
-        table = self._official_table()
-        table["path"] = [f"{self.npz_path}{NPZ_SEP}{i.rsplit('_', 1)[0]}_images[{int(i.rsplit('_', 1)[1])}]" for i in table["image_id"]]
+            paths = [f"{self.npz_path}{NPZ_SEP}{split}_images[{i}]" for i in range(len(labels))]
+            rows.append(pd.DataFrame({"image_id": ids, "path": paths, "label": text, "group": ids, "split": split}))
+        table = pd.concat(rows, ignore_index=True)
         if self.multilabel:
             table.attrs["targets"] = np.concatenate([y for _, y in self.arrays.values()]).astype(np.float32)
         return table
+
+    def find_missing_images(self, paths: Sequence[str]) -> list[int]:
+        """Every row is an image of the npz, which was read at construction."""
+        return []
 
     def load_image(self, ref: str) -> np.ndarray:
         """The pixels of ``<npz>::<split>_images[<i>]`` (as stored: (H, W) gray or (H, W, 3))."""
@@ -192,15 +193,6 @@ class MedMNISTDataModule(ImageClassificationDataModule):
             raise ValueError(f"{ref!r} is not an image of {self.npz_path} (<npz>::<split>_images[<i>])")
         return self.arrays[match.group(2)][0][int(match.group(3))]
 
-    def _new_split(self, table: pd.DataFrame) -> np.ndarray:
-        return table["split"].to_numpy().copy()  # the official split, as it is
-
-    def _saved_split(self, table: pd.DataFrame) -> np.ndarray:
-        saved = read_split_csv(self.split_file, table).to_numpy()
-        if (saved != table["split"].to_numpy()).any():
-            raise ValueError(f"split file {self.split_file} differs from {self.npz_path.name}'s official split; delete it")
-        return saved
-
     def describe_source(self) -> list[str]:
         lines = [f"npz: {self.npz_path} ({self.npz_path.stat().st_size} bytes), in memory; "
                  f"{'multi-label' if self.multilabel else 'single-label'}, official splits"]
@@ -208,57 +200,6 @@ class MedMNISTDataModule(ImageClassificationDataModule):
             lines.append(f"  {split}_images {images.dtype} {tuple(images.shape)}, {split}_labels {labels.dtype} {tuple(labels.shape)}")
         return lines
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.table is not None:
-            return
-        self._derive_batch_size()  # --data.global_batch_size (datamodules/global_batch.py)
-        table = self._official_table()
-        if self.split_file is not None and self.split_file.exists():
-            self._saved_split(table)
-        if not self.multilabel:
-            self._check_every_class_in_every_split(table)
-        self.table = table
-        norm = gray_normalisation(self.in_chans)
-        train_tf = build_transform(self.augment, self.image_size, **norm)
-        eval_tf = build_transform("none", self.image_size, **norm)
-        for split, (images, labels) in self.arrays.items():
-            ids = table["image_id"][table["split"] == split].tolist()
-            pixels = [to_channels(image, self.in_chans) for image in images]
-            transform = train_tf if split == "train" else eval_tf
-            seed = self.seed if split == "train" else None  # augmentation seeded per (seed, epoch, index)
-            if self.multilabel:
-                self.datasets[split] = MultiLabelImageDataset(ids, labels.astype(np.float32), transform, pixels, self.in_chans, seed)
-            else:
-                self.datasets[split] = ImageDataset(ids, labels[:, 0], transform, pixels, seed=seed)
-
-    def fingerprint(self, table: pd.DataFrame | None = None) -> str:
+    def fingerprint_table(self, table: pd.DataFrame) -> pd.DataFrame:
         """Every image lives in the one npz: its name and size stand for each image's file."""
-        if table is not None:
-            table = table.assign(path=str(self.npz_path))
-            return dataset_fingerprint(table, self.npz_path.parent, table["split"])
-        self._require_setup()
-        if getattr(self, "_fingerprint", None) is None:
-            table = self.table.assign(path=str(self.npz_path))
-            self._fingerprint = dataset_fingerprint(table, self.npz_path.parent, table["split"])
-        return self._fingerprint
-
-    @property
-    def class_counts(self) -> list[int]:
-        """Training images per class (single-label) or positives per label (multi-label)."""
-        self._require_setup()
-        if self.multilabel:
-            return self.datasets["train"].targets.sum(0).round().long().tolist()
-        return torch.bincount(self.datasets["train"].targets, minlength=self.num_classes).tolist()
-
-    @property
-    def num_train_images(self) -> int:
-        self._require_setup()
-        return len(self.datasets["train"])
-
-    def ordered_dataloader(self, split: str, sharded: bool = True) -> DataLoader:
-        dataset = self.datasets[split]
-        if not isinstance(dataset, MultiLabelImageDataset):
-            return super().ordered_dataloader(split, sharded)
-        dataset = dataset.with_transform(build_transform("none", self.image_size, **gray_normalisation(self.in_chans)))
-        world, rank = self._world() if sharded else (1, 0)
-        return DataLoader(dataset, batch_size=self.eval_batch_size, sampler=RankShardSampler(len(dataset), world, rank), **self._loader_kwargs())
+        return table.assign(path=str(self.npz_path))
