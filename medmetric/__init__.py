@@ -10,7 +10,7 @@ The one import name the project installs. Its packages, in the one direction imp
 ``medmetric.text``                      label-text encoders and their embedding cache
 ``medmetric.lightning_modules``         LightningModules, backbones, heads, losses, metrics
 ``medmetric.callbacks``                 Lightning callbacks (handoff, results, cache, guards)
-``medmetric.retrieval``                 embedder, on-disk index, search
+``medmetric.retrieval``                 embedder and on-disk index (the search tool: experiments)
 ``medmetric.experiments``               the CLI, the tools and the YAML configs
 ======================================  ====================================================
 
