@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 
-from medmetric.datamodules.contracts import LabelledData, SplitIdentity, has_member, require
+from medmetric.datamodules.contracts import SplitIdentity, TrainingCounts, has_member, require
 from medmetric.lightning_modules.contracts import HANDOFF_OPTIONAL_MODULES, HandoffSource
 from medmetric.run_io.manifest import (
     MANIFEST_FORMAT,
@@ -85,7 +85,7 @@ class StageHandoff(Callback):
         else:  # no checkpointing (e.g. fast_dev_run): hand over the weights as they are now
             state = pl_module.state_dict()
         reader = "the stage-1 handoff (StageHandoff: class counts, split hash and fingerprint go to the manifest)"
-        datamodule = require(trainer.datamodule, LabelledData, reader)
+        datamodule = require(trainer.datamodule, TrainingCounts, reader)
         require(datamodule, SplitIdentity, reader)
         score = getattr(checkpoint_cb, "best_model_score", None)
         manifest = stage1_manifest(run_dir, pl_module, state, datamodule.class_counts, datamodule.split_sha256())

@@ -14,7 +14,12 @@ import numpy as np
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 
-from medmetric.datamodules.contracts import LabelledData, SkippedImagesCount, SplitIdentity, require
+from medmetric.datamodules.contracts import (
+    SkippedImagesCount,
+    SplitIdentity,
+    TrainingCounts,
+    require,
+)
 from medmetric.lightning_modules.contracts import TestResultsSource
 from medmetric.run_io.atomic import atomic_write, write_json_atomic
 
@@ -50,7 +55,7 @@ class ResultsWriter(Callback):
             return  # no test ran in this module (declared: None until on_test_epoch_end)
         reader = "the results writer (results.json: train_class_counts, dataset_fingerprint, skipped_images)"
         datamodule = trainer.datamodule
-        for needed in (LabelledData, SplitIdentity, SkippedImagesCount):
+        for needed in (TrainingCounts, SplitIdentity, SkippedImagesCount):
             require(datamodule, needed, reader)
         payload = {
             "experiment": self.experiment,

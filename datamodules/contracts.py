@@ -31,8 +31,8 @@ class ContractError(TypeError):
 
 
 @runtime_checkable
-class LabelledData(Protocol):
-    """The class list and its training counts.
+class TrainingCounts(Protocol):
+    """The training class counts.
 
     Read by ``ClassifierModule.setup`` (many/medium/few-shot groups), ``MetricPretrainModule``
     (re-balancing head losses, class-weighted metric losses), the stage-1 handoff
@@ -41,12 +41,18 @@ class LabelledData(Protocol):
     """
 
     @property
-    def class_names(self) -> list[str]:
-        """Class (label) names in target-index order; must equal the model's ``class_names``."""
-
-    @property
     def class_counts(self) -> list[int]:
         """Training images per class (multi-label: positives per label), ``class_names`` order."""
+
+
+@runtime_checkable
+class LabelledData(TrainingCounts, Protocol):
+    """The class list with its training counts: read by stage 2 (the class list must equal the
+    stage-1 manifest's) and by the CLI (``data.class_names`` is linked to ``model.class_names``)."""
+
+    @property
+    def class_names(self) -> list[str]:
+        """Class (label) names in target-index order; must equal the model's ``class_names``."""
 
 
 @runtime_checkable
@@ -112,7 +118,7 @@ class ClassificationData(LabelledData, SplitIdentity, OrderedEvalData, SkippedIm
 
 
 @runtime_checkable
-class MultiLabelData(LabelledData, Protocol):
+class MultiLabelData(TrainingCounts, Protocol):
     """Extra members the multi-label modules read (``loss_from_datamodule``, GZSL mode)."""
 
     @property

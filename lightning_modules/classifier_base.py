@@ -11,7 +11,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from medmetric.datamodules.contracts import LabelledData, require
+from medmetric.datamodules.contracts import TrainingCounts, require
 from medmetric.lightning_modules.checkpoint_check import check_checkpoint_matches
 from medmetric.lightning_modules.losses.distributed import gather_across_ranks
 from medmetric.lightning_modules.metrics import ClassificationMetrics
@@ -70,7 +70,7 @@ class ClassifierModule(OptimizerMixin, L.LightningModule):
         to group by, and the metrics are the plain ones."""
         datamodule = self.trainer.datamodule
         if datamodule is not None:
-            counts = require(datamodule, LabelledData, f"{type(self).__name__} (shot-group accuracies)").class_counts
+            counts = require(datamodule, TrainingCounts, f"{type(self).__name__} (shot-group accuracies)").class_counts
             self.val_metrics = ClassificationMetrics(self.class_names, train_counts=counts, **self.shot_thresholds)
             self.test_metrics = ClassificationMetrics(self.class_names, train_counts=counts, **self.shot_thresholds)
 

@@ -21,7 +21,7 @@ from typing import ClassVar
 import torch.nn.functional as F
 from torch import Tensor
 
-from medmetric.datamodules.contracts import LabelledData, require
+from medmetric.datamodules.contracts import TrainingCounts, require
 from medmetric.lightning_modules.backbones import create_backbone
 from medmetric.lightning_modules.classifier_base import ClassifierModule
 from medmetric.lightning_modules.heads import LinearHead, Projector
@@ -91,7 +91,7 @@ class MetricPretrainModule(ClassifierModule):
             return
         # a re-balancing loss without the training counts would silently be plain CE: refuse
         reader = f"{type(self).__name__} (model.head_loss / model.class_weighting need training counts)"
-        datamodule = require(self.trainer.datamodule, LabelledData, reader)
+        datamodule = require(self.trainer.datamodule, TrainingCounts, reader)
         if hp.head_loss != "ce" or hp.head_loss_kwargs:
             self.head_loss = build_head_loss(hp.head_loss, datamodule.class_counts, **(hp.head_loss_kwargs or {}))
         if hp.class_weighting != "none":
