@@ -130,6 +130,8 @@ class MultiLabelData(TrainingCounts, Protocol):
 
 
 BASE_CLASS = "medmetric.datamodules.base.ImageClassificationDataModule"
+MULTILABEL_FIX = ("use a multi-label DataModule (e.g. medmetric.datamodules.chest_xray.ChestXray14DataModule) or "
+                  "implement the members of medmetric.datamodules.contracts.MultiLabelData")
 
 
 def protocol_members(protocol: type) -> list[str]:

@@ -25,7 +25,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from medmetric.datamodules.contracts import MultiLabelData, require
+from medmetric.datamodules.contracts import MULTILABEL_FIX, MultiLabelData, require
 from medmetric.lightning_modules.metrics.multilabel import (
     MultiLabelMetrics,
     choose_f1_thresholds,
@@ -77,7 +77,7 @@ class MultiLabelClassifierModule(OptimizerMixin, L.LightningModule):
         with no trainer or no DataModule (unit tests, plain dataloaders) there are none."""
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         if datamodule is not None:
-            require(datamodule, MultiLabelData, f"{type(self).__name__} (multi-label losses, GZSL mode)")
+            require(datamodule, MultiLabelData, f"{type(self).__name__} (multi-label losses, GZSL mode)", fix=MULTILABEL_FIX)
         unseen = list(datamodule.unseen_labels) if datamodule is not None else []
         unknown = [n for n in unseen if n not in self.class_names]
         if unknown:

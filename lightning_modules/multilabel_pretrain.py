@@ -15,7 +15,7 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from medmetric.datamodules.contracts import MultiLabelData, require
+from medmetric.datamodules.contracts import MULTILABEL_FIX, MultiLabelData, require
 from medmetric.lightning_modules.backbones import create_backbone
 from medmetric.lightning_modules.heads import LinearHead
 from medmetric.lightning_modules.losses.multilabel import MULTILABEL_LOSSES, build_multilabel_loss
@@ -26,8 +26,7 @@ def loss_from_datamodule(module: MultiLabelClassifierModule, name: str, kwargs: 
     """Build the named loss from the DataModule's training counts, on the seen labels."""
     datamodule = require(
         module.trainer.datamodule, MultiLabelData, f"{type(module).__name__} (its multi-label loss)",
-        fix="use a multi-label DataModule (e.g. medmetric.datamodules.chest_xray.ChestXray14DataModule) or implement "
-            "the members of medmetric.datamodules.contracts.MultiLabelData",
+        fix=MULTILABEL_FIX,
     )
     counts = [datamodule.class_counts[i] for i in module.seen_idx]
     return build_multilabel_loss(name, counts, datamodule.num_train_images, **(kwargs or {}))

@@ -195,3 +195,35 @@ def test_a_module_without_a_declared_stage_is_refused_before_any_folder(ham_root
                                             r"`stage`; add the class attribute `stage: ClassVar\[str\] = 'stage1'`"):
         MedMetricCLI(args=_toy_args(ham_root, tmp_path, "ToyUndeclaredModule"))
     assert not (tmp_path / "toy").exists()
+
+
+@pytest.mark.parametrize(("class_path", "stage", "monitor"), [
+    # the table experiments/cli.py kept as STAGE_OF_MODEL before stages were declared on the classes
+    ("medmetric.lightning_modules.metric_pretrain.MetricPretrainModule", "stage1", "val/balanced_accuracy"),
+    ("medmetric.lightning_modules.rebalanced_head.RebalancedHeadModule", "stage2", "val/balanced_accuracy"),
+    ("medmetric.lightning_modules.multilabel_pretrain.MultiLabelPretrainModule", "stage1", "val/mean_auroc"),
+    ("medmetric.lightning_modules.multilabel_head.MultiLabelHeadModule", "stage2", "val/mean_auroc"),
+    ("medmetric.lightning_modules.cross_modal.CrossModalModule", "stage1", "val/mean_auroc"),
+])
+def test_shipped_modules_declare_the_stage_and_monitor_they_had(class_path, stage, monitor):
+    from medmetric.experiments.cli import resolve_class
+    from medmetric.lightning_modules.contracts import declared_monitor, declared_stage
+
+    model_class = resolve_class(class_path)
+    assert (declared_stage(model_class), declared_monitor(model_class)) == (stage, monitor)
+
+
+def test_multilabel_modules_refuse_a_datamodule_without_num_train_images():
+    from medmetric.lightning_modules.multilabel_pretrain import MultiLabelPretrainModule
+
+    module = MultiLabelPretrainModule(["x", "y"], backbone="test_resnet")
+    attach(module, SimpleNamespace(class_counts=[3, 4], unseen_labels=[]))
+    with pytest.raises(ContractError, match=r"lacks num_train_images, which MultiLabelPretrainModule .* needs; "
+                                            r"use a multi-label DataModule"):
+        module.setup("fit")
+    attach(module, SimpleNamespace(class_counts=[3, 4], num_train_images=10))  # GZSL mode must be declared
+    with pytest.raises(ContractError, match=r"lacks unseen_labels"):
+        module.setup("fit")
+    attach(module, SimpleNamespace(class_counts=[3, 4], num_train_images=10, unseen_labels=[]))
+    module.setup("fit")
+    assert module.loss is not None
