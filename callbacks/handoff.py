@@ -18,6 +18,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 
+from medmetric.datamodules.contracts import SplitIdentity, TrainingCounts, has_member, require
+from medmetric.lightning_modules.contracts import HANDOFF_OPTIONAL_MODULES, HandoffSource
 from medmetric.run_io.manifest import (
     MANIFEST_FORMAT,
     file_sha256,
@@ -28,8 +30,18 @@ from medmetric.run_io.manifest import (
 
 def stage1_manifest(folder: Path, stage1, state: dict, class_counts, split_sha256: str) -> dict[str, Any]:
     """Save a stage-1 model's backbone, head and projector weights to ``folder`` and return the
-    manifest fields stage 2 needs (the callback adds where they came from)."""
-    present = [p for p in ("backbone", "head", "projector") if isinstance(getattr(stage1, p, None), torch.nn.Module)]
+    manifest fields stage 2 needs (the callback adds where they came from).
+
+    ``stage1`` must provide :class:`~medmetric.lightning_modules.contracts.HandoffSource`;
+    ``head`` and ``projector`` are saved when the model has them (optional by design)."""
+    require(stage1, HandoffSource, "the stage-1 handoff (callbacks/handoff.py)",
+            fix="subclass MetricPretrainModule / MultiLabelPretrainModule or implement the members of "
+                "medmetric.lightning_modules.contracts.HandoffSource")
+    optional = [p for p in HANDOFF_OPTIONAL_MODULES if has_member(stage1, p)]
+    present = ["backbone", *optional]
+    for prefix in present:
+        if not isinstance(getattr(stage1, prefix), torch.nn.Module):
+            raise TypeError(f"{type(stage1).__qualname__}.{prefix} is not a torch.nn.Module; the handoff saves its weights")
     paths = {prefix: save_submodule_state(state, prefix, folder) for prefix in present}  # absent -> None
     return {
         "format": MANIFEST_FORMAT,
@@ -72,7 +84,9 @@ class StageHandoff(Callback):
             state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
         else:  # no checkpointing (e.g. fast_dev_run): hand over the weights as they are now
             state = pl_module.state_dict()
-        datamodule = trainer.datamodule
+        reader = "the stage-1 handoff (StageHandoff: class counts, split hash and fingerprint go to the manifest)"
+        datamodule = require(trainer.datamodule, TrainingCounts, reader)
+        require(datamodule, SplitIdentity, reader)
         score = getattr(checkpoint_cb, "best_model_score", None)
         manifest = stage1_manifest(run_dir, pl_module, state, datamodule.class_counts, datamodule.split_sha256())
         manifest.update({
@@ -81,7 +95,7 @@ class StageHandoff(Callback):
             "checkpoint": best or None,
             "split_file": str(datamodule.split_file) if datamodule.split_file else None,
             "datamodule": type(datamodule).__name__,
-            "dataset_fingerprint": datamodule.fingerprint() if hasattr(datamodule, "fingerprint") else None,
+            "dataset_fingerprint": datamodule.fingerprint(),
             "data_dir": str(datamodule.data_dir),
             "selected_on": {
                 "monitor": getattr(checkpoint_cb, "monitor", None),

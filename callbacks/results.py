@@ -14,6 +14,13 @@ import numpy as np
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 
+from medmetric.datamodules.contracts import (
+    SkippedImagesCount,
+    SplitIdentity,
+    TrainingCounts,
+    require,
+)
+from medmetric.lightning_modules.contracts import TestResultsSource
 from medmetric.run_io.atomic import atomic_write, write_json_atomic
 
 
@@ -27,7 +34,11 @@ def next_free(path: Path) -> Path:
 
 
 class ResultsWriter(Callback):
-    """After ``trainer.test``, write metrics, class counts and the checkpoint used to JSON."""
+    """After ``trainer.test``, write metrics, class counts and the checkpoint used to JSON.
+
+    The model must provide :class:`~medmetric.lightning_modules.contracts.TestResultsSource`
+    and the DataModule ``class_counts``, ``fingerprint()`` and ``skipped_images``: a results.json
+    without a fingerprint could not be checked by ``medmetric report``, so it is refused."""
 
     def __init__(self, experiment: str | None = None, stage: str | None = None):
         self.experiment = experiment
@@ -36,10 +47,16 @@ class ResultsWriter(Callback):
 
     @rank_zero_only
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        results = getattr(pl_module, "test_results", None)
+        require(pl_module, TestResultsSource, "the results writer (callbacks/results.py)",
+                fix="subclass ClassifierModule / MultiLabelClassifierModule or implement the members of "
+                    "medmetric.lightning_modules.contracts.TestResultsSource")
+        results = pl_module.test_results
         if results is None:
-            return
+            return  # no test ran in this module (declared: None until on_test_epoch_end)
+        reader = "the results writer (results.json: train_class_counts, dataset_fingerprint, skipped_images)"
         datamodule = trainer.datamodule
+        for needed in (TrainingCounts, SplitIdentity, SkippedImagesCount):
+            require(datamodule, needed, reader)
         payload = {
             "experiment": self.experiment,
             "stage": self.stage,
@@ -47,18 +64,18 @@ class ResultsWriter(Callback):
             "run_dir": str(Path(trainer.default_root_dir).resolve()),
             "checkpoint": trainer.ckpt_path,
             "class_names": list(pl_module.class_names),
-            "train_class_counts": getattr(datamodule, "class_counts", None),
+            "train_class_counts": datamodule.class_counts,
             "metrics": results,
-            "confusion_matrix": getattr(pl_module, "test_confusion", None),
-            "dataset_fingerprint": datamodule.fingerprint() if hasattr(datamodule, "fingerprint") else None,
-            "skipped_images": getattr(datamodule, "skipped_images", 0),
-            **getattr(pl_module, "results_extra", {}),  # multi-label: task, GZSL labels, F1 thresholds
+            "confusion_matrix": pl_module.test_confusion,
+            "dataset_fingerprint": datamodule.fingerprint(),
+            "skipped_images": datamodule.skipped_images,
+            **pl_module.results_extra,  # multi-label: task, GZSL labels, F1 thresholds
         }
         self.path = next_free(Path(trainer.default_root_dir) / "results.json")
         # test once per run: a re-test is kept apart (results.<n>.json), the report reads results.json only
         payload["retest"] = self.path.name != "results.json"
         write_json_atomic(self.path, payload)
-        outputs = getattr(pl_module, "test_outputs", None)
+        outputs = pl_module.test_outputs
         if outputs:
             npz = self.path.with_name(self.path.name.replace("results", "test_outputs").replace(".json", ".npz"))
             arrays = {"class_names": np.asarray(pl_module.class_names), **{k: v.numpy() for k, v in outputs.items()}}

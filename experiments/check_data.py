@@ -43,6 +43,7 @@ from medmetric.datamodules.chest_xray import (
     TRAIN_VAL_LIST,
     ChestXray14DataModule,
 )
+from medmetric.datamodules.contracts import MULTILABEL_FIX, MultiLabelData, require
 from medmetric.datamodules.images import SIXTEEN_BIT_MODES
 from medmetric.datamodules.integrity import content_hashes, duplicate_groups, find_group_leaks
 from medmetric.datamodules.medmnist import MedMNISTDataModule
@@ -226,7 +227,7 @@ def multi_label_counts(dm, table: pd.DataFrame, targets: np.ndarray, report: Rep
     if empty:
         report.error(f"split {empty[0]!r} of {dm.split_file or dm.data_dir} is empty: every run needs train, val and test "
                      "images; check the official lists / split file and data.val_fraction")
-    unseen = list(getattr(dm, "unseen_labels", None) or [])
+    unseen = list(require(dm, MultiLabelData, "check-data (its multi-label report)", fix=MULTILABEL_FIX).unseen_labels)
     seen = [n for n in labels if n not in unseen]
     missing = [(n, s) for n in seen for s in SPLITS if counts.loc[n, s] == 0]
     if missing:

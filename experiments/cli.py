@@ -37,9 +37,10 @@ from medmetric.callbacks.preemption import (  # noqa: E402
 )
 from medmetric.callbacks.results import ResultsWriter  # noqa: E402
 from medmetric.callbacks.selection_guard import ValidationOnlySelection  # noqa: E402
+from medmetric.datamodules.contracts import RankShardedData, require  # noqa: E402
 from medmetric.experiments.safe_config import ALLOW_ENV, check_class_paths, prescan_args  # noqa: E402
 from medmetric.experiments.wandb_mode import WANDB_MODES, wandb_offline  # noqa: E402
-from medmetric.lightning_modules.classifier_base import MONITOR  # noqa: E402
+from medmetric.lightning_modules.contracts import declared_monitor, declared_stage  # noqa: E402
 from medmetric.run_io.atomic import atomic_write  # noqa: E402
 from medmetric.run_io.manifest import read_manifest  # noqa: E402
 from medmetric.run_io.resume import (  # noqa: E402
@@ -49,14 +50,6 @@ from medmetric.run_io.resume import (  # noqa: E402
     write_resume_record,
 )
 from medmetric.run_io.run_folders import RUN_DIR_ENV, RunPaths  # noqa: E402
-
-STAGE_OF_MODEL = {
-    "MetricPretrainModule": "stage1",
-    "RebalancedHeadModule": "stage2",
-    "MultiLabelPretrainModule": "stage1",
-    "MultiLabelHeadModule": "stage2",
-    "CrossModalModule": "stage1",
-}
 
 # Lightning warnings that are expected in this layout: the run folder already holds config and
 # W&B files when the CSV logger starts (it removes only an old metrics.csv, which a fresh run
@@ -88,8 +81,11 @@ class MedMetricCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
         check_class_paths(config, config.get("allow_class_paths"))  # before any folder or object is made
-        model_class = config.model.class_path.rsplit(".", 1)[-1]
-        stage = STAGE_OF_MODEL.get(model_class, model_class)
+        # the stage is declared on the model class (lightning_modules/contracts.py), read before
+        # instantiation: it decides the run folder and whether the stage-1 handoff is read
+        self.model_class = resolve_class(config.model.class_path)
+        stage = declared_stage(self.model_class, config.model.class_path)
+        declared_monitor(self.model_class, config.model.class_path)  # refused before any folder is made
         experiment_dir = Path(config.runs_dir) / config.experiment
         inherited = os.environ.get(RUN_DIR_ENV) if os.environ.get("LOCAL_RANK", "0") != "0" else None
         self.resume = ResumePlan(None, None)  # fit --ckpt_path: continue a run (experiments/resume.py)
@@ -119,7 +115,7 @@ class MedMetricCLI(LightningCLI):
                 dirpath=run_dir / "checkpoints",
                 filename="best-epoch{epoch:03d}",
                 auto_insert_metric_name=False,
-                monitor=getattr(self.model, "monitor", MONITOR),  # multi-label: val/mean_auroc
+                monitor=declared_monitor(type(self.model)),  # multi-label: val/mean_auroc
                 mode="max",
                 save_last=True,
             ),
@@ -131,14 +127,14 @@ class MedMetricCLI(LightningCLI):
         ]
         if self.paths.stage == "stage1":
             callbacks.append(StageHandoff(experiment_manifest=str(self.paths.handoff)))
-        if getattr(self.model, "hparams", {}).get("feature_cache"):
+        if self.model.hparams.get("feature_cache"):  # RebalancedHeadModule's model.feature_cache
             callbacks.append(FeatureCache())
         self.trainer_defaults["callbacks"] = callbacks
         if config.trainer.logger is None or config.trainer.logger is True:
             kwargs.setdefault("logger", self._loggers(run_dir, config))
         if config.trainer.get("plugins") is None:
             kwargs.setdefault("plugins", [AtomicCheckpointIO()])  # atomic saves, weights_only loads
-        if getattr(self.datamodule, "shards_by_rank", False):
+        if require(self.datamodule, RankShardedData, "the CLI (use_distributed_sampler)").shards_by_rank:
             kwargs.setdefault("use_distributed_sampler", False)  # the DataModule shards by rank
         return super().instantiate_trainer(**kwargs)
 
@@ -176,6 +172,17 @@ class MedMetricCLI(LightningCLI):
             return
         best = getattr(self.trainer.checkpoint_callback, "best_model_path", "")
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if best else None)
+
+
+def resolve_class(class_path: str) -> type:
+    """The class a config's ``class_path`` names (already checked by ``check_class_paths``)."""
+    import importlib
+
+    module, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ValueError(f"model.class_path {class_path!r} cannot be imported: {error}") from error
 
 
 TOOLS = {  # medmetric <tool> ...: commands beside LightningCLI's

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+from typing import ClassVar
 
 import lightning as L
 import torch
 from torch import Tensor
 
+from medmetric.datamodules.contracts import TrainingCounts, require
 from medmetric.lightning_modules.checkpoint_check import check_checkpoint_matches
 from medmetric.lightning_modules.losses.distributed import gather_across_ranks
 from medmetric.lightning_modules.metrics import ClassificationMetrics
@@ -26,7 +29,13 @@ class ClassifierModule(OptimizerMixin, L.LightningModule):
     Validation and test accumulate :class:`ClassificationMetrics` (DDP-synced by torchmetrics)
     and log them as ``val/<name>`` and ``test/<name>``; the last test results stay in
     ``self.test_results`` for the results writer.
+
+    A subclass declares ``stage`` ("stage1"/"stage2": the CLI reads it from the class,
+    lightning_modules/contracts.py); ``monitor`` is the checkpoint metric for all of them.
     """
+
+    monitor: ClassVar[str] = MONITOR  # the CLI's ModelCheckpoint reads this (mode max)
+    results_extra: ClassVar[Mapping] = MappingProxyType({})  # no extra results.json fields
 
     def __init__(self, class_names: Sequence[str], many_shot_threshold: int = 100, few_shot_threshold: int = 20):
         super().__init__()
@@ -54,10 +63,14 @@ class ClassifierModule(OptimizerMixin, L.LightningModule):
         return self(inputs), None
 
     def setup(self, stage: str) -> None:
-        """Shot-group accuracies need the training class counts, known once data is set up."""
-        datamodule = getattr(self.trainer, "datamodule", None)
-        counts = getattr(datamodule, "class_counts", None) if datamodule is not None else None
-        if counts is not None:
+        """Shot-group accuracies need the training class counts, known once data is set up.
+
+        A DataModule without ``class_counts`` is refused (it used to drop the shot groups
+        silently); with no DataModule at all (plain dataloaders) there are no training counts
+        to group by, and the metrics are the plain ones."""
+        datamodule = self.trainer.datamodule
+        if datamodule is not None:
+            counts = require(datamodule, TrainingCounts, f"{type(self).__name__} (shot-group accuracies)").class_counts
             self.val_metrics = ClassificationMetrics(self.class_names, train_counts=counts, **self.shot_thresholds)
             self.test_metrics = ClassificationMetrics(self.class_names, train_counts=counts, **self.shot_thresholds)
 

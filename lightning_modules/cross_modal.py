@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -77,6 +78,8 @@ class CrossModalModule(MultiLabelClassifierModule):
         loss, loss_kwargs: ``weighted_focused_euclidean`` or ``dual_weighted_metric`` and its
             arguments (losses/cross_modal.py).
     """
+
+    stage: ClassVar[str] = "stage1"
 
     def __init__(
         self,

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import math
 
+from medmetric.datamodules.contracts import BatchSizeData, require
+
 LR_SCALING_RULES = ("none", "linear", "sqrt")
 
 
@@ -27,8 +29,11 @@ def scaled_lr(lr: float, rule: str, global_batch_size: int, base_batch_size: int
 
 
 def global_batch_size(trainer) -> int | None:
-    """Images per optimiser step: per-device batch x world size x gradient accumulation."""
-    batch = getattr(getattr(trainer, "datamodule", None), "batch_size", None)
-    if batch is None:
+    """Images per optimiser step: per-device batch x world size x gradient accumulation.
+
+    None without a DataModule (plain dataloaders: no batch size is declared, so no scaling);
+    a DataModule without ``batch_size`` is refused rather than left unscaled."""
+    if trainer.datamodule is None:
         return None
+    batch = require(trainer.datamodule, BatchSizeData, "model.lr_scaling (the global batch size)").batch_size
     return int(batch) * trainer.world_size * trainer.accumulate_grad_batches

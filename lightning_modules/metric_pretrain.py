@@ -16,10 +16,12 @@ With ``class_weighting`` each term of the metric loss is weighted by its anchor'
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch.nn.functional as F
 from torch import Tensor
 
+from medmetric.datamodules.contracts import TrainingCounts, require
 from medmetric.lightning_modules.backbones import create_backbone
 from medmetric.lightning_modules.classifier_base import ClassifierModule
 from medmetric.lightning_modules.heads import LinearHead, Projector
@@ -30,6 +32,8 @@ from medmetric.lightning_modules.losses.rebalancing import HEAD_LOSSES, build_he
 
 class MetricPretrainModule(ClassifierModule):
     """Backbone + linear classifier + embedding projector (stage 1 of the two-stage recipe)."""
+
+    stage: ClassVar[str] = "stage1"
 
     def __init__(
         self,
@@ -82,11 +86,15 @@ class MetricPretrainModule(ClassifierModule):
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        datamodule = getattr(self.trainer, "datamodule", None)
         hp = self.hparams
-        if datamodule is not None and (hp.head_loss != "ce" or hp.head_loss_kwargs):
+        if not (hp.head_loss != "ce" or hp.head_loss_kwargs or hp.class_weighting != "none"):
+            return
+        # a re-balancing loss without the training counts would silently be plain CE: refuse
+        reader = f"{type(self).__name__} (model.head_loss / model.class_weighting need training counts)"
+        datamodule = require(self.trainer.datamodule, TrainingCounts, reader)
+        if hp.head_loss != "ce" or hp.head_loss_kwargs:
             self.head_loss = build_head_loss(hp.head_loss, datamodule.class_counts, **(hp.head_loss_kwargs or {}))
-        if hp.class_weighting != "none" and datamodule is not None:
+        if hp.class_weighting != "none":
             weights = class_weights_from_counts(datamodule.class_counts, hp.class_weighting, hp.class_weighting_beta)
             self.metric_loss.set_class_weights(weights)
 

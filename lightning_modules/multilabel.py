@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import ClassVar
 
 import lightning as L
 import torch
 from torch import Tensor
 
+from medmetric.datamodules.contracts import MULTILABEL_FIX, MultiLabelData, require
 from medmetric.lightning_modules.metrics.multilabel import (
     MultiLabelMetrics,
     choose_f1_thresholds,
@@ -35,7 +37,9 @@ from medmetric.lightning_modules.optimization import OptimizerMixin
 class MultiLabelClassifierModule(OptimizerMixin, L.LightningModule):
     """Base of the multi-label modules; see the module docstring."""
 
-    monitor = "val/mean_auroc"  # the CLI's ModelCheckpoint reads this (mode max)
+    monitor: ClassVar[str] = "val/mean_auroc"  # the CLI's ModelCheckpoint reads this (mode max)
+    test_confusion: ClassVar[None] = None  # the results writer's single-label field: not for multi-label
+    test_outputs: ClassVar[None] = None  # no per-image test_outputs.npz for multi-label runs
 
     def __init__(self, class_names: Sequence[str]):
         super().__init__()
@@ -67,9 +71,14 @@ class MultiLabelClassifierModule(OptimizerMixin, L.LightningModule):
         return [self.class_names.index(n) for n in self.unseen_labels]
 
     def setup(self, stage: str) -> None:
-        """Read the GZSL unseen labels from the DataModule (none: ordinary multi-label)."""
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        unseen = list(getattr(datamodule, "unseen_labels", None) or [])
+        """Read the GZSL unseen labels from the DataModule (empty: ordinary multi-label).
+
+        A DataModule without ``unseen_labels`` is refused (it used to mean "no GZSL" silently);
+        with no trainer or no DataModule (unit tests, plain dataloaders) there are none."""
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        if datamodule is not None:
+            require(datamodule, MultiLabelData, f"{type(self).__name__} (multi-label losses, GZSL mode)", fix=MULTILABEL_FIX)
+        unseen = list(datamodule.unseen_labels) if datamodule is not None else []
         unknown = [n for n in unseen if n not in self.class_names]
         if unknown:
             raise ValueError(f"data.unseen_labels {unknown} are not among the model's labels {self.class_names}")

@@ -12,10 +12,12 @@ class-balanced, asymmetric, logit-adjusted), since class-aware samplers need one
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
+from medmetric.datamodules.contracts import SplitIdentity, require
 from medmetric.lightning_modules.backbones import create_backbone, load_backbone_weights
 from medmetric.lightning_modules.heads import LinearHead
 from medmetric.lightning_modules.losses.multilabel import MULTILABEL_LOSSES
@@ -36,6 +38,8 @@ class MultiLabelHeadModule(SeenLabelLossTraining, MultiLabelClassifierModule):
         loss, loss_kwargs: a name of ``MULTILABEL_LOSSES`` and its arguments.
         backbone: optional, only to assert the expected stage-1 backbone name.
     """
+
+    stage: ClassVar[str] = "stage2"
 
     def __init__(
         self,
@@ -71,7 +75,7 @@ class MultiLabelHeadModule(SeenLabelLossTraining, MultiLabelClassifierModule):
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        datamodule = self.trainer.datamodule
+        datamodule = require(self.trainer.datamodule, SplitIdentity, "stage 2 (MultiLabelHeadModule: checks against the stage-1 manifest)")
         check_manifest(self.manifest, class_names=datamodule.class_names, split_sha256=datamodule.split_sha256())
         self.loss = loss_from_datamodule(self, self.hparams.loss, self.hparams.loss_kwargs)
 

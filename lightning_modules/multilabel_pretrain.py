@@ -11,9 +11,11 @@ reference a cross-modal model has to beat.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 from torch import Tensor
 
+from medmetric.datamodules.contracts import MULTILABEL_FIX, MultiLabelData, require
 from medmetric.lightning_modules.backbones import create_backbone
 from medmetric.lightning_modules.heads import LinearHead
 from medmetric.lightning_modules.losses.multilabel import MULTILABEL_LOSSES, build_multilabel_loss
@@ -22,12 +24,10 @@ from medmetric.lightning_modules.multilabel import MultiLabelClassifierModule
 
 def loss_from_datamodule(module: MultiLabelClassifierModule, name: str, kwargs: dict | None):
     """Build the named loss from the DataModule's training counts, on the seen labels."""
-    datamodule = getattr(module.trainer, "datamodule", None)
-    if datamodule is None or not hasattr(datamodule, "num_train_images"):
-        raise ValueError(
-            f"{type(module).__name__} needs a multi-label DataModule with class_counts and num_train_images "
-            "(e.g. medmetric.datamodules.chest_xray.ChestXray14DataModule)"
-        )
+    datamodule = require(
+        module.trainer.datamodule, MultiLabelData, f"{type(module).__name__} (its multi-label loss)",
+        fix=MULTILABEL_FIX,
+    )
     counts = [datamodule.class_counts[i] for i in module.seen_idx]
     return build_multilabel_loss(name, counts, datamodule.num_train_images, **(kwargs or {}))
 
@@ -45,6 +45,8 @@ class SeenLabelLossTraining:
 
 class MultiLabelPretrainModule(SeenLabelLossTraining, MultiLabelClassifierModule):
     """timm backbone + linear head + multi-label loss (the BCE baseline, or a re-balancing loss)."""
+
+    stage: ClassVar[str] = "stage1"
 
     def __init__(
         self,

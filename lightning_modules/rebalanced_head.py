@@ -16,11 +16,13 @@ With ``feature_cache`` the backbone features are computed once per backbone and 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from medmetric.datamodules.contracts import LabelledData, OrderedEvalData, SplitIdentity, require
 from medmetric.lightning_modules.backbones import create_backbone, load_backbone_weights
 from medmetric.lightning_modules.classifier_base import ClassifierModule
 from medmetric.lightning_modules.head_strategies import STRATEGIES
@@ -48,6 +50,8 @@ class RebalancedHeadModule(ClassifierModule):
         allow_fingerprint_mismatch: accept a data set whose fingerprint differs from stage 1's
             (refused by default: stage 1 saw other files, sizes, labels or groups).
     """
+
+    stage: ClassVar[str] = "stage2"
 
     def __init__(
         self,
@@ -111,13 +115,16 @@ class RebalancedHeadModule(ClassifierModule):
     # --- lifecycle -------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None and hasattr(datamodule, "split_sha256"):
-            check_manifest(
-                self.manifest, class_names=datamodule.class_names, split_sha256=datamodule.split_sha256(),
-                fingerprint=datamodule.fingerprint() if hasattr(datamodule, "fingerprint") else None,
-                allow_fingerprint_mismatch=self.hparams.allow_fingerprint_mismatch,
-            )
+        # the class list, split and fingerprint checks against stage 1 are not optional: a
+        # DataModule that cannot answer them is refused (it used to skip them silently)
+        datamodule = self.trainer.datamodule
+        for needed in (LabelledData, SplitIdentity, OrderedEvalData):
+            require(datamodule, needed, "stage 2 (RebalancedHeadModule: checks against the stage-1 manifest)")
+        check_manifest(
+            self.manifest, class_names=datamodule.class_names, split_sha256=datamodule.split_sha256(),
+            fingerprint=datamodule.fingerprint(),
+            allow_fingerprint_mismatch=self.hparams.allow_fingerprint_mismatch,
+        )
 
     def train(self, mode: bool = True):
         """Lightning calls ``train()`` every epoch; the frozen backbone must stay in eval mode."""

@@ -407,8 +407,11 @@ def test_a_second_test_of_a_run_is_recorded_apart(tmp_path):
 
     from medmetric.callbacks.results import ResultsWriter
 
-    module = SimpleNamespace(test_results={"balanced_accuracy": 0.5}, class_names=["a", "b"], test_confusion=[[1, 0], [0, 1]])
-    trainer = SimpleNamespace(default_root_dir=str(tmp_path), ckpt_path="best.ckpt", datamodule=None)
+    module = SimpleNamespace(test_results={"balanced_accuracy": 0.5}, class_names=["a", "b"], test_confusion=[[1, 0], [0, 1]],
+                             test_outputs=None, results_extra={})
+    datamodule = SimpleNamespace(class_counts=[3, 2], split_sha256=lambda: "s", fingerprint=lambda: "f" * 64,
+                                 split_file=None, data_dir=tmp_path, skipped_images=0)
+    trainer = SimpleNamespace(default_root_dir=str(tmp_path), ckpt_path="best.ckpt", datamodule=datamodule)
     writer = ResultsWriter(experiment="x", stage="stage1")
     writer.on_test_end(trainer, module)
     module.test_results = {"balanced_accuracy": 0.9}
