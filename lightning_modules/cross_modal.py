@@ -32,7 +32,11 @@ from medmetric.lightning_modules.losses.cross_modal import (
     pairwise_euclidean,
 )
 from medmetric.lightning_modules.multilabel import MultiLabelClassifierModule
-from medmetric.lightning_modules.optimization import OptimizerFactory, SchedulerFactory
+from medmetric.lightning_modules.optimization import (
+    OptimizerFactory,
+    SchedulerFactory,
+    check_optimization_args,
+)
 from medmetric.text.label_embeddings import DEFAULT_TEXT_ENCODER, label_embeddings
 
 DEFAULT_LABEL_FILE = Path(__file__).resolve().parents[1] / "experiments" / "chestxray14" / "labels.yaml"
@@ -107,15 +111,16 @@ class CrossModalModule(MultiLabelClassifierModule):
         normalize: bool = True,
         loss: str = "weighted_focused_euclidean",
         loss_kwargs: dict | None = None,
-        optimizer: OptimizerFactory | str = "adamw",
+        optimizer: str | OptimizerFactory = "adamw",
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
-        lr_scheduler: SchedulerFactory | str = "cosine",
+        lr_scheduler: str | SchedulerFactory = "cosine",
         warmup_steps: int = 0,
         lr_scaling: str = "none",
         base_batch_size: int = 256,
     ):
         super().__init__(class_names)
+        check_optimization_args(optimizer, lr_scheduler, warmup_steps)
         self.loss_fn = build_cross_modal_loss(loss, **(loss_kwargs or {}))  # bad name fails before any load
         prototypes = label_embeddings(
             self.class_names, label_file or DEFAULT_LABEL_FILE, text_field, text_encoder, text_cache_dir

@@ -30,7 +30,11 @@ from medmetric.lightning_modules.losses import (
 )
 from medmetric.lightning_modules.losses.distributed import gather_across_ranks, world
 from medmetric.lightning_modules.losses.rebalancing import HEAD_LOSSES, HeadLoss, build_head_loss
-from medmetric.lightning_modules.optimization import OptimizerFactory, SchedulerFactory
+from medmetric.lightning_modules.optimization import (
+    OptimizerFactory,
+    SchedulerFactory,
+    check_optimization_args,
+)
 
 #: ``model.metric_loss``: a loss class whose remaining arguments are ``(num_classes, embedding_dim)``
 MetricLossFactory = Callable[[int, int], MetricLossBase]
@@ -101,19 +105,19 @@ class MetricPretrainModule(ClassifierModule):
         pretrained_path: str | None = None,
         backbone_kwargs: dict | None = None,
         embedding_dim: int = 128,
-        metric_loss: MetricLossFactory | str = "supcon",
+        metric_loss: str | MetricLossFactory = "supcon",
         metric_loss_kwargs: dict | None = None,
         metric_weight: float = 1.0,
         metric_only: bool = False,
-        head_loss: HeadLossFactory | str = "ce",
+        head_loss: str | HeadLossFactory = "ce",
         head_loss_kwargs: dict | None = None,
         class_weighting: str = "none",
         class_weighting_beta: float = 0.999,
         gather_across_ranks: bool = True,
-        optimizer: OptimizerFactory | str = "adamw",
+        optimizer: str | OptimizerFactory = "adamw",
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
-        lr_scheduler: SchedulerFactory | str = "cosine",
+        lr_scheduler: str | SchedulerFactory = "cosine",
         warmup_steps: int = 0,
         lr_scaling: str = "none",
         base_batch_size: int = 256,
@@ -122,6 +126,7 @@ class MetricPretrainModule(ClassifierModule):
         few_shot_threshold: int = 20,
     ):
         super().__init__(class_names, many_shot_threshold, few_shot_threshold)
+        check_optimization_args(optimizer, lr_scheduler, warmup_steps)
         if metric_weight < 0:
             raise ValueError(f"model.metric_weight must be >= 0, got {metric_weight}")
         if metric_only and metric_weight == 0:

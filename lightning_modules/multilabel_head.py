@@ -24,7 +24,11 @@ from medmetric.lightning_modules.multilabel_pretrain import (
     SeenLabelLossTraining,
     loss_from_datamodule,
 )
-from medmetric.lightning_modules.optimization import OptimizerFactory, SchedulerFactory
+from medmetric.lightning_modules.optimization import (
+    OptimizerFactory,
+    SchedulerFactory,
+    check_optimization_args,
+)
 from medmetric.run_io.manifest import check_manifest, read_manifest
 
 
@@ -55,15 +59,16 @@ class MultiLabelHeadModule(SeenLabelLossTraining, MultiLabelClassifierModule):
         loss: str = "asymmetric",
         loss_kwargs: dict | None = None,
         backbone: str | None = None,
-        optimizer: OptimizerFactory | str = "adamw",
+        optimizer: str | OptimizerFactory = "adamw",
         lr: float = 0.01,
         weight_decay: float = 1e-4,
-        lr_scheduler: SchedulerFactory | str = "cosine",
+        lr_scheduler: str | SchedulerFactory = "cosine",
         warmup_steps: int = 0,
         lr_scaling: str = "none",
         base_batch_size: int = 256,
     ):
         super().__init__(class_names)
+        check_optimization_args(optimizer, lr_scheduler, warmup_steps)
         if loss not in MULTILABEL_LOSSES:
             raise ValueError(f"unknown multi-label loss {loss!r} (model.loss); valid: {sorted(MULTILABEL_LOSSES)}")
         if not handoff:

@@ -18,7 +18,11 @@ from medmetric.lightning_modules.backbones import create_backbone
 from medmetric.lightning_modules.heads import LinearHead
 from medmetric.lightning_modules.losses.multilabel import MULTILABEL_LOSSES, build_multilabel_loss
 from medmetric.lightning_modules.multilabel import MultiLabelClassifierModule
-from medmetric.lightning_modules.optimization import OptimizerFactory, SchedulerFactory
+from medmetric.lightning_modules.optimization import (
+    OptimizerFactory,
+    SchedulerFactory,
+    check_optimization_args,
+)
 
 
 def loss_from_datamodule(module: MultiLabelClassifierModule, name: str, kwargs: dict | None):
@@ -76,15 +80,16 @@ class MultiLabelPretrainModule(SeenLabelLossTraining, MultiLabelClassifierModule
         backbone_kwargs: dict | None = None,
         loss: str = "bce",
         loss_kwargs: dict | None = None,
-        optimizer: OptimizerFactory | str = "adamw",
+        optimizer: str | OptimizerFactory = "adamw",
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
-        lr_scheduler: SchedulerFactory | str = "cosine",
+        lr_scheduler: str | SchedulerFactory = "cosine",
         warmup_steps: int = 0,
         lr_scaling: str = "none",
         base_batch_size: int = 256,
     ):
         super().__init__(class_names)
+        check_optimization_args(optimizer, lr_scheduler, warmup_steps)
         if loss not in MULTILABEL_LOSSES:
             raise ValueError(f"unknown multi-label loss {loss!r} (model.loss); valid: {sorted(MULTILABEL_LOSSES)}")
         self.save_hyperparameters()

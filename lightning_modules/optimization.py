@@ -47,6 +47,24 @@ def warmup_cosine_factor(step: int, total_steps: int, warmup_steps: int) -> floa
     return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup_steps, span) / span))
 
 
+def check_optimization_args(optimizer, lr_scheduler, warmup_steps: int) -> None:
+    """Fail at construction, naming the key, rather than when training starts."""
+    for key, spec, valid in (("model.optimizer", optimizer, OPTIMIZERS), ("model.lr_scheduler", lr_scheduler, SCHEDULES)):
+        if isinstance(spec, str) and spec not in valid:
+            hint = f"a class path is written --{key}.class_path={spec}" if "." in spec else (
+                f"or a class: --{key}=<ClassName> / --{key}.class_path=<module.Class>")
+            raise ValueError(f"unknown {key} {spec!r}; valid short names: {sorted(valid)}; {hint}")
+        if not isinstance(spec, str) and not callable(spec):
+            raise ValueError(f"{key} must be a short name or a class, got {spec!r}")
+    if warmup_steps < 0:
+        raise ValueError(f"model.warmup_steps must be >= 0, got {warmup_steps}")
+    if warmup_steps and not isinstance(lr_scheduler, str):
+        raise ValueError(
+            "model.warmup_steps works with the built-in schedules (model.lr_scheduler=cosine or constant); "
+            "with a scheduler class set its own warm-up arguments, or use --model.warmup_steps=0"
+        )
+
+
 def build_optimizer(spec: str | Callable, params, lr: float, weight_decay: float) -> Optimizer:
     if isinstance(spec, str):
         if spec not in OPTIMIZERS:

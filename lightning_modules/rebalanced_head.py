@@ -28,7 +28,11 @@ from medmetric.lightning_modules.heads import LinearHead, Projector
 from medmetric.lightning_modules.losses.distributed import gather_across_ranks, world
 from medmetric.lightning_modules.losses.rebalancing import build_head_loss
 from medmetric.lightning_modules.metric_pretrain import HeadLossFactory
-from medmetric.lightning_modules.optimization import OptimizerFactory, SchedulerFactory
+from medmetric.lightning_modules.optimization import (
+    OptimizerFactory,
+    SchedulerFactory,
+    check_optimization_args,
+)
 from medmetric.lightning_modules.registry import target_class
 from medmetric.run_io.manifest import check_manifest, load_submodule_state, read_manifest
 
@@ -75,18 +79,18 @@ class RebalancedHeadModule(ClassifierModule):
         self,
         class_names: Sequence[str],
         handoff: str | None = None,
-        strategy: StrategyFactory | str = "crt",
+        strategy: str | StrategyFactory = "crt",
         strategy_kwargs: dict | None = None,
-        head_loss: HeadLossFactory | str = "ce",
+        head_loss: str | HeadLossFactory = "ce",
         head_loss_kwargs: dict | None = None,
         posthoc_tau: float = 0.0,
         bn_reestimate: bool = False,
         feature_cache: bool = False,
         backbone: str | None = None,
-        optimizer: OptimizerFactory | str = "sgd",
+        optimizer: str | OptimizerFactory = "sgd",
         lr: float = 0.05,
         weight_decay: float = 5e-4,
-        lr_scheduler: SchedulerFactory | str = "cosine",
+        lr_scheduler: str | SchedulerFactory = "cosine",
         warmup_steps: int = 0,
         lr_scaling: str = "none",
         base_batch_size: int = 256,
@@ -95,6 +99,7 @@ class RebalancedHeadModule(ClassifierModule):
         allow_fingerprint_mismatch: bool = False,
     ):
         super().__init__(class_names, many_shot_threshold, few_shot_threshold)
+        check_optimization_args(optimizer, lr_scheduler, warmup_steps)
         strategy_factory = STRATEGIES.resolve(strategy)  # an unknown short name fails first
         if not handoff:
             raise ValueError(

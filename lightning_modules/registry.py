@@ -84,6 +84,11 @@ class Registry(Mapping):
     def resolve(self, spec: str | Callable) -> Callable:
         """A short name -> its class; a class or factory (what jsonargparse builds) as it is."""
         if isinstance(spec, str):
+            if "." in spec:
+                raise ValueError(
+                    f"{self.config_key}={spec!r}: a dotted path given as a plain value is read as a short name; "
+                    f"write --{self.config_key}.class_path={spec} (or the bare class name) instead"
+                )
             if spec not in self:
                 raise self.unknown(spec)
             return self[spec]
