@@ -98,8 +98,17 @@ class Registry(Mapping):
 
 
 def target_class(factory: Callable) -> type | None:
-    """The class a factory builds: the class itself, or the class inside a ``functools.partial``
-    (jsonargparse's form of ``Callable[..., Base]`` with init_args); None for other callables."""
+    """The class a factory builds: the class itself, or the class inside a ``functools.partial``.
+
+    jsonargparse builds ``Callable[..., Base]`` with init_args as
+    ``partial(<its instantiator>, <the class>, **init_args)`` (4.x), a plain ``partial(cls, ...)``
+    elsewhere: the class is the partial's function or its first class-valued positional
+    argument. None for other callables (plain functions)."""
     while isinstance(factory, functools.partial):
+        if isinstance(factory.func, type):
+            return factory.func
+        classes = [a for a in factory.args if isinstance(a, type)]
+        if classes:
+            return classes[0]
         factory = factory.func
     return factory if isinstance(factory, type) else None
