@@ -83,19 +83,45 @@ class ToyPriorStrategy(HeadStrategy):
         return self.log_prior.expand(len(features), -1) + 0 * features.sum(1, keepdim=True)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def toys_registered():
-    """The toys register themselves on import; take them out afterwards so the registries'
+    """The toys registered their short names themselves when this file was imported (no
+    central table names them); take them out after this module so the registries'
     exact-contents tests elsewhere see only the shipped components."""
-    METRIC_LOSSES.add("toy_spread", ToySpreadLoss)
-    STRATEGIES.add("toy_prior", ToyPriorStrategy)
+    assert METRIC_LOSSES["toy_spread"] is ToySpreadLoss and STRATEGIES["toy_prior"] is ToyPriorStrategy
     yield
     METRIC_LOSSES.remove("toy_spread")
     STRATEGIES.remove("toy_prior")
 
 
-METRIC_LOSSES.remove("toy_spread")  # registered at class creation above; only the fixture keeps it
-STRATEGIES.remove("toy_prior")
+def test_a_subclass_with_a_short_name_registers_itself():
+    class ScratchStrategy(HeadStrategy):
+        short_name = "scratch_strategy_for_test"
+
+    try:
+        assert STRATEGIES["scratch_strategy_for_test"] is ScratchStrategy
+        assert "scratch_strategy_for_test" in sorted(STRATEGIES)
+    finally:
+        STRATEGIES.remove("scratch_strategy_for_test")
+
+
+def test_a_new_strategy_file_is_found_by_its_short_name(tmp_path, monkeypatch):
+    """A file nobody imports is found: the registry imports its plugin modules before a lookup."""
+    package = tmp_path / "plugpkg_typed"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "head_strategy_mine.py").write_text(
+        "from medmetric.lightning_modules.head_strategies import HeadStrategy\n\n\n"
+        "class MineFromScan(HeadStrategy):\n    short_name = 'mine_from_scan'\n"
+    )
+    (package / "unrelated.py").write_text("raise RuntimeError('only head_strategy_* modules are imported')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(STRATEGIES, "scan", (("plugpkg_typed", "head_strategy_"),))
+    monkeypatch.setattr(STRATEGIES, "_scanned", False)
+    try:
+        assert STRATEGIES["mine_from_scan"].__name__ == "MineFromScan"
+    finally:
+        STRATEGIES.remove("mine_from_scan")
 
 
 def fit(*args: str):
