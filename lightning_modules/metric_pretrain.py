@@ -15,7 +15,7 @@ With ``class_weighting`` each term of the metric loss is weighted by its anchor'
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch.nn.functional as F
 from torch import Tensor
@@ -24,22 +24,21 @@ from medmetric.lightning_modules.backbones import create_backbone
 from medmetric.lightning_modules.classifier_base import ClassifierModule
 from medmetric.lightning_modules.heads import LinearHead, Projector
 from medmetric.lightning_modules.losses import (
-    MetricLossBase,
     build_metric_loss,
     class_weights_from_counts,
 )
+from medmetric.lightning_modules.losses.base import MetricLossFactory
 from medmetric.lightning_modules.losses.distributed import gather_across_ranks, world
-from medmetric.lightning_modules.losses.rebalancing import HEAD_LOSSES, HeadLoss, build_head_loss
+from medmetric.lightning_modules.losses.rebalancing import (
+    HEAD_LOSSES,
+    HeadLossFactory,
+    build_head_loss,
+)
 from medmetric.lightning_modules.optimization import (
     OptimizerFactory,
     SchedulerFactory,
     check_optimization_args,
 )
-
-#: ``model.metric_loss``: a loss class whose remaining arguments are ``(num_classes, embedding_dim)``
-MetricLossFactory = Callable[[int, int], MetricLossBase]
-#: ``model.head_loss``: a head-loss class whose remaining argument is the training class counts
-HeadLossFactory = Callable[[Sequence[int]], HeadLoss]
 
 
 def is_plain_ce(head_loss, kwargs: dict | None) -> bool:

@@ -26,8 +26,7 @@ from medmetric.lightning_modules.classifier_base import ClassifierModule
 from medmetric.lightning_modules.head_strategies import STRATEGIES, HeadStrategy
 from medmetric.lightning_modules.heads import LinearHead, Projector
 from medmetric.lightning_modules.losses.distributed import gather_across_ranks, world
-from medmetric.lightning_modules.losses.rebalancing import build_head_loss
-from medmetric.lightning_modules.metric_pretrain import HeadLossFactory
+from medmetric.lightning_modules.losses.rebalancing import HeadLossFactory, build_head_loss
 from medmetric.lightning_modules.optimization import (
     OptimizerFactory,
     SchedulerFactory,

@@ -369,3 +369,6 @@ def test_help_shows_the_argument_descriptions(capsys):
     for name, words in (("warmup_steps", "linear warm-up steps before the cosine"), ("metric_loss", "the metric loss: a short name"),
                         ("lr_scaling", "scale ``lr`` with the global batch")):
         assert f"--model.{name} " in text and words in text, name
+    # the component is typed (not a bare string): its type and the classes it accepts are listed
+    assert "type: str | Callable[[int, int], MetricLossBase]" in text
+    assert "medmetric.lightning_modules.losses.pml.SupCon" in text and "medmetric.lightning_modules.losses.center.CenterLoss" in text

@@ -7,6 +7,7 @@ more), and returns an exact zero that still carries a gradient when there is not
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -70,6 +71,10 @@ class MetricLossBase(nn.Module):
 
     def set_class_weights(self, weights: Tensor | None) -> None:
         raise NotImplementedError
+
+
+#: ``model.metric_loss``: a loss class whose remaining arguments are ``(num_classes, embedding_dim)``
+MetricLossFactory = Callable[[int, int], MetricLossBase]
 
 
 class MetricLoss(MetricLossBase):

@@ -39,7 +39,7 @@ Conventions shared by every loss:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import ClassVar
 
 import torch
@@ -184,6 +184,10 @@ class HeadLoss(nn.Module):
 
     def _constant(self, buffer: Tensor, like: Tensor) -> Tensor:
         return buffer.to(device=like.device, dtype=like.dtype)
+
+
+#: ``model.head_loss``: a head-loss class whose remaining argument is the training class counts
+HeadLossFactory = Callable[[Sequence[int]], HeadLoss]
 
 
 def _target_log_probs(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
