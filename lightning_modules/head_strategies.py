@@ -13,9 +13,18 @@ features (:meth:`fit`) and, for tau-norm, tuned on validation (:meth:`select_on_
   mean L2-normalised training feature.
 - ``knn``: k nearest training neighbours in the stage-1 embedding (projector output), votes
   weighted by exp(cosine / temperature); logits are log vote shares.
+
+``RebalancedHeadModule`` types ``strategy`` as ``Callable[[int, int, LinearHead], HeadStrategy]``:
+jsonargparse builds a strategy's own arguments (``--model.strategy.k=20``), the module supplies
+the feature dimension, the class count and the stage-1 head (and the stage-1 projector, as
+``projector=``, to a class with ``uses_projector = True``). A subclass that sets ``short_name``
+registers itself in :data:`STRATEGIES` when defined; modules of this package named
+``head_strategy_*.py`` are imported before a short-name lookup, so a new strategy is one file.
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +32,10 @@ from torch import Tensor, nn
 
 from medmetric.lightning_modules.heads import LinearHead, Projector
 from medmetric.lightning_modules.metrics.classification import balanced_accuracy_from_confusion
+from medmetric.lightning_modules.registry import Registry
+
+#: stage-2 strategies by short name; each class registers itself (``short_name``)
+STRATEGIES = Registry("stage-2 strategy", "model.strategy", scan=(("medmetric.lightning_modules", "head_strategy_"),))
 
 
 def balanced_accuracy(logits: Tensor, targets: Tensor, num_classes: int) -> float:
@@ -33,8 +46,17 @@ def balanced_accuracy(logits: Tensor, targets: Tensor, num_classes: int) -> floa
 
 
 class HeadStrategy(nn.Module):
+    """Base of the stage-2 strategies: ``forward(features (N, F)) -> logits (N, C)``."""
+
+    short_name: ClassVar[str | None] = None
+    uses_projector: ClassVar[bool] = False  # the module passes the stage-1 projector as projector=
     trainable = True  # optimised by the head loss; otherwise fitted once by fit()
     tunes_on_validation = False  # select_on_validation() picks a hyperparameter on val features
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("short_name"):
+            STRATEGIES.add(cls.short_name, cls)
 
     def fit(self, features: Tensor, targets: Tensor) -> None:
         """Post-hoc strategies compute their classifier from all training features here."""
@@ -45,6 +67,15 @@ class HeadStrategy(nn.Module):
 
 
 class ClassifierRetraining(HeadStrategy):
+    """cRT: a freshly initialised linear head trained on re-balanced batches.
+
+    Args:
+        feature_dim: backbone feature dimension (given by the module).
+        num_classes: number of classes (given by the module).
+        stage1_head: the stage-1 head (given by the module; unused).
+    """
+
+    short_name = "crt"
     def __init__(self, feature_dim: int, num_classes: int, stage1_head: LinearHead):
         super().__init__()
         self.head = LinearHead(feature_dim, num_classes)
@@ -54,6 +85,15 @@ class ClassifierRetraining(HeadStrategy):
 
 
 class LearnableWeightScaling(HeadStrategy):
+    """LWS: the frozen stage-1 head times one learnable scale per class.
+
+    Args:
+        feature_dim: backbone feature dimension (given by the module).
+        num_classes: number of classes (given by the module).
+        stage1_head: the stage-1 head (given by the module), frozen.
+    """
+
+    short_name = "lws"
     def __init__(self, feature_dim: int, num_classes: int, stage1_head: LinearHead):
         super().__init__()
         self.stage1_head = stage1_head.requires_grad_(False)
@@ -64,10 +104,20 @@ class LearnableWeightScaling(HeadStrategy):
 
 
 class TauNormalisedClassifier(HeadStrategy):
+    """tau-norm: stage-1 weights over their norm to the power tau, tau picked on validation.
+
+    Args:
+        feature_dim: backbone feature dimension (given by the module).
+        num_classes: number of classes (given by the module).
+        stage1_head: the stage-1 head (given by the module).
+        tau_grid: the tau values tried on validation (default 0, 0.1, ..., 2).
+    """
+
+    short_name = "tau_norm"
     trainable = False
     tunes_on_validation = True
 
-    def __init__(self, feature_dim: int, num_classes: int, stage1_head: LinearHead, tau_grid=None):
+    def __init__(self, feature_dim: int, num_classes: int, stage1_head: LinearHead, tau_grid: list[float] | None = None):
         super().__init__()
         self.register_buffer("weight", stage1_head.weight.detach().clone())
         self.register_buffer("tau", torch.tensor(1.0))
@@ -88,6 +138,15 @@ class TauNormalisedClassifier(HeadStrategy):
 
 
 class NearestClassMean(HeadStrategy):
+    """NCM: cosine similarity to each class's mean normalised training feature.
+
+    Args:
+        feature_dim: backbone feature dimension (given by the module).
+        num_classes: number of classes (given by the module).
+        stage1_head: the stage-1 head (given by the module; unused).
+    """
+
+    short_name = "ncm"
     trainable = False
 
     def __init__(self, feature_dim: int, num_classes: int, stage1_head: LinearHead):
@@ -105,10 +164,26 @@ class NearestClassMean(HeadStrategy):
 
 
 class NearestNeighbours(HeadStrategy):
+    """kNN in the stage-1 embedding, votes weighted by exp(cosine / temperature).
+
+    Args:
+        feature_dim: backbone feature dimension (given by the module).
+        num_classes: number of classes (given by the module).
+        stage1_head: the stage-1 head (given by the module; unused).
+        projector: the stage-1 projector (given by the module: ``uses_projector``).
+        k: number of neighbours.
+        temperature: vote temperature.
+        chunk_size: queries per similarity block (memory bound).
+    """
+
+    short_name = "knn"
+    uses_projector = True
     trainable = False
 
-    def __init__(self, feature_dim: int, num_classes: int, stage1_head: LinearHead, projector: Projector, k: int = 10, temperature: float = 0.1, chunk_size: int = 1024):
+    def __init__(self, feature_dim: int, num_classes: int, stage1_head: LinearHead, projector: Projector | None = None, k: int = 10, temperature: float = 0.1, chunk_size: int = 1024):
         super().__init__()
+        if projector is None:
+            raise ValueError("the kNN strategy needs the stage-1 projector (RebalancedHeadModule passes it)")
         self.projector = projector.requires_grad_(False)
         self.num_classes, self.k, self.temperature, self.chunk_size = num_classes, k, temperature, chunk_size
         self.register_buffer("bank", torch.zeros(0, projector.net[-1].out_features), persistent=True)
@@ -139,11 +214,3 @@ class NearestNeighbours(HeadStrategy):
         votes = torch.cat(votes)
         return torch.log(votes / votes.sum(1, keepdim=True) + 1e-8)
 
-
-STRATEGIES = {
-    "crt": ClassifierRetraining,
-    "lws": LearnableWeightScaling,
-    "tau_norm": TauNormalisedClassifier,
-    "ncm": NearestClassMean,
-    "knn": NearestNeighbours,
-}

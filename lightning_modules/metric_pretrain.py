@@ -25,13 +25,78 @@ from medmetric.datamodules.contracts import TrainingCounts, require
 from medmetric.lightning_modules.backbones import create_backbone
 from medmetric.lightning_modules.classifier_base import ClassifierModule
 from medmetric.lightning_modules.heads import LinearHead, Projector
-from medmetric.lightning_modules.losses import build_metric_loss, class_weights_from_counts
+from medmetric.lightning_modules.losses import (
+    build_metric_loss,
+    class_weights_from_counts,
+)
+from medmetric.lightning_modules.losses.base import MetricLossFactory
 from medmetric.lightning_modules.losses.distributed import gather_across_ranks, world
-from medmetric.lightning_modules.losses.rebalancing import HEAD_LOSSES, build_head_loss
+from medmetric.lightning_modules.losses.rebalancing import (
+    HEAD_LOSSES,
+    HeadLossFactory,
+    build_head_loss,
+)
+from medmetric.lightning_modules.optimization import (
+    OptimizerFactory,
+    SchedulerFactory,
+    check_optimization_args,
+)
+
+
+def is_plain_ce(head_loss, kwargs: dict | None) -> bool:
+    """The default head loss: plain ``F.cross_entropy`` (bit-identical to before), no object."""
+    return isinstance(head_loss, str) and head_loss == "ce" and not kwargs
 
 
 class MetricPretrainModule(ClassifierModule):
-    """Backbone + linear classifier + embedding projector (stage 1 of the two-stage recipe)."""
+    """Backbone + linear classifier + embedding projector (stage 1 of the two-stage recipe).
+
+    The components are typed factories, not strings with dicts: a short name
+    (``--model.metric_loss=supcon``) or a class with its own arguments
+    (``--model.metric_loss=SupCon --model.metric_loss.temperature=0.05``, or
+    ``class_path``/``init_args``). The module calls the factory with what only it knows
+    (``num_classes`` and ``embedding_dim``; the training class counts for the head loss; the
+    parameters for the optimiser), the way LightningCLI's ``OptimizerCallable`` works, so
+    ``--help`` lists each component's arguments and a sweep can set any of them.
+
+    Args:
+        class_names: the classes, in label order (linked from ``data.class_names`` by the CLI).
+        backbone: timm model name (``resnet18``, ``convnext_tiny``, ...).
+        in_chans: input channels (1 for grey X-rays without replication).
+        pretrained_path: local weights file for the backbone (nothing is downloaded).
+        backbone_kwargs: extra ``timm.create_model`` arguments (``drop_path_rate``, ...).
+        embedding_dim: output dimension of the projector (the metric-loss embedding).
+        metric_loss: the metric loss: a short name (``supcon``, ``triplet``, ``multi_similarity``,
+            ``class_center_triplet``, ... of ``METRIC_LOSSES``) or a class called as
+            ``cls(num_classes, embedding_dim)`` (``--model.metric_loss=SupCon
+            --model.metric_loss.temperature=0.05``).
+        metric_loss_kwargs: arguments for a short-name metric loss (``{temperature: 0.1}``);
+            with a class, give them as its init_args instead.
+        metric_weight: lambda of ``CE + lambda x metric``; 0 is the one-stage CE baseline.
+        metric_only: train the backbone with the metric loss alone; the head then trains on
+            detached features (a linear probe that still selects the checkpoint).
+        head_loss: the classifier loss: a short name of ``HEAD_LOSSES`` (``ce``,
+            ``balanced_softmax``, ``ldam``, ...) or a class called with the training class
+            counts (``--model.head_loss=LogitAdjustedLoss --model.head_loss.tau=0.5``).
+        head_loss_kwargs: arguments for a short-name head loss.
+        class_weighting: per-class weights of the metric loss: ``none``, ``inverse`` or
+            ``effective_number``.
+        class_weighting_beta: beta of ``effective_number`` (Cui et al. 2019).
+        gather_across_ranks: under DDP the metric loss sees the whole global batch.
+        optimizer: ``adamw`` or ``sgd`` (momentum 0.9), or a ``torch.optim`` class called with
+            the parameter groups (``--model.optimizer=SGD --model.optimizer.nesterov=true``);
+            ``lr`` and ``weight_decay`` below always apply.
+        lr: learning rate at ``base_batch_size`` images per step.
+        weight_decay: weight decay.
+        lr_scheduler: ``cosine`` (per-step cosine to 0 over the run) or ``constant``, or a
+            scheduler class called with the optimiser (stepped every optimiser step).
+        warmup_steps: linear warm-up steps before the cosine (0: none, the schedule of before).
+        lr_scaling: scale ``lr`` with the global batch: ``none``, ``linear`` or ``sqrt``.
+        base_batch_size: the global batch ``lr`` is tuned for (``lr_scaling``).
+        loss_lr_multiplier: learning-rate factor of the loss's own weights (proxies, centres).
+        many_shot_threshold: classes with more training images are many-shot.
+        few_shot_threshold: classes with fewer training images are few-shot.
+    """
 
     stage: ClassVar[str] = "stage1"
 
@@ -43,18 +108,20 @@ class MetricPretrainModule(ClassifierModule):
         pretrained_path: str | None = None,
         backbone_kwargs: dict | None = None,
         embedding_dim: int = 128,
-        metric_loss: str = "supcon",
+        metric_loss: str | MetricLossFactory = "supcon",
         metric_loss_kwargs: dict | None = None,
         metric_weight: float = 1.0,
         metric_only: bool = False,
-        head_loss: str = "ce",
+        head_loss: str | HeadLossFactory = "ce",
         head_loss_kwargs: dict | None = None,
         class_weighting: str = "none",
         class_weighting_beta: float = 0.999,
         gather_across_ranks: bool = True,
-        optimizer: str = "adamw",
+        optimizer: str | OptimizerFactory = "adamw",
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
+        lr_scheduler: str | SchedulerFactory = "cosine",
+        warmup_steps: int = 0,
         lr_scaling: str = "none",
         base_batch_size: int = 256,
         loss_lr_multiplier: float = 1.0,
@@ -62,6 +129,7 @@ class MetricPretrainModule(ClassifierModule):
         few_shot_threshold: int = 20,
     ):
         super().__init__(class_names, many_shot_threshold, few_shot_threshold)
+        check_optimization_args(optimizer, lr_scheduler, warmup_steps)
         if metric_weight < 0:
             raise ValueError(f"model.metric_weight must be >= 0, got {metric_weight}")
         if metric_only and metric_weight == 0:
@@ -73,8 +141,8 @@ class MetricPretrainModule(ClassifierModule):
         self.head = LinearHead(self.feature_dim, self.num_classes)
         self.projector = Projector(self.feature_dim, embedding_dim)
         class_weights_from_counts([1, 1], class_weighting, class_weighting_beta)  # unknown scheme fails now
-        if head_loss not in HEAD_LOSSES:
-            raise ValueError(f"unknown head loss {head_loss!r} (model.head_loss); valid: {sorted(HEAD_LOSSES)}")
+        HEAD_LOSSES.resolve(head_loss)  # an unknown short name fails now
+        self._head_loss_spec, self._optimizer, self._lr_scheduler = head_loss, optimizer, lr_scheduler
         self.head_loss = None  # built in setup(): it needs the training class counts
         self.metric_loss = build_metric_loss(
             metric_loss,
@@ -87,13 +155,14 @@ class MetricPretrainModule(ClassifierModule):
     def setup(self, stage: str) -> None:
         super().setup(stage)
         hp = self.hparams
-        if not (hp.head_loss != "ce" or hp.head_loss_kwargs or hp.class_weighting != "none"):
+        plain_ce = is_plain_ce(self._head_loss_spec, hp.head_loss_kwargs)
+        if plain_ce and hp.class_weighting == "none":
             return
         # a re-balancing loss without the training counts would silently be plain CE: refuse
         reader = f"{type(self).__name__} (model.head_loss / model.class_weighting need training counts)"
         datamodule = require(self.trainer.datamodule, TrainingCounts, reader)
-        if hp.head_loss != "ce" or hp.head_loss_kwargs:
-            self.head_loss = build_head_loss(hp.head_loss, datamodule.class_counts, **(hp.head_loss_kwargs or {}))
+        if not plain_ce:
+            self.head_loss = build_head_loss(self._head_loss_spec, datamodule.class_counts, **(hp.head_loss_kwargs or {}))
         if hp.class_weighting != "none":
             weights = class_weights_from_counts(datamodule.class_counts, hp.class_weighting, hp.class_weighting_beta)
             self.metric_loss.set_class_weights(weights)
@@ -143,4 +212,4 @@ class MetricPretrainModule(ClassifierModule):
         groups = [{"params": [p for p in self.parameters() if id(p) not in loss_ids]}]
         if loss_params:
             groups.append({"params": loss_params, "lr": hp.lr * hp.loss_lr_multiplier})
-        return self.make_optimizer(groups, hp.optimizer, hp.lr, hp.weight_decay)
+        return self.make_optimizer(groups, self._optimizer, hp.lr, hp.weight_decay)

@@ -26,6 +26,11 @@ from medmetric.lightning_modules.multilabel_pretrain import (
     SeenLabelLossTraining,
     loss_from_datamodule,
 )
+from medmetric.lightning_modules.optimization import (
+    OptimizerFactory,
+    SchedulerFactory,
+    check_optimization_args,
+)
 from medmetric.run_io.manifest import check_manifest, read_manifest
 
 
@@ -35,8 +40,18 @@ class MultiLabelHeadModule(SeenLabelLossTraining, MultiLabelClassifierModule):
     Args:
         class_names: must equal the stage-1 label list (checked against the manifest).
         handoff: stage-1 ``handoff.json``; the CLI fills in ``runs/<experiment>/handoff.json``.
-        loss, loss_kwargs: a name of ``MULTILABEL_LOSSES`` and its arguments.
+        loss: a name of ``MULTILABEL_LOSSES`` (``asymmetric``, ``bce``, ...).
+        loss_kwargs: its arguments.
         backbone: optional, only to assert the expected stage-1 backbone name.
+        optimizer: ``adamw`` or ``sgd`` (momentum 0.9), or a ``torch.optim`` class called with
+            the parameters (``--model.optimizer=SGD --model.optimizer.nesterov=true``); ``lr``
+            and ``weight_decay`` below always apply.
+        lr: learning rate at ``base_batch_size`` images per step.
+        weight_decay: weight decay.
+        lr_scheduler: ``cosine`` (per step) or ``constant``, or a scheduler class called with the optimiser.
+        warmup_steps: linear warm-up steps before the cosine (0: none).
+        lr_scaling: scale ``lr`` with the global batch: ``none``, ``linear`` or ``sqrt``.
+        base_batch_size: the global batch ``lr`` is tuned for (``lr_scaling``).
     """
 
     stage: ClassVar[str] = "stage2"
@@ -48,11 +63,16 @@ class MultiLabelHeadModule(SeenLabelLossTraining, MultiLabelClassifierModule):
         loss: str = "asymmetric",
         loss_kwargs: dict | None = None,
         backbone: str | None = None,
-        optimizer: str = "adamw",
+        optimizer: str | OptimizerFactory = "adamw",
         lr: float = 0.01,
         weight_decay: float = 1e-4,
+        lr_scheduler: str | SchedulerFactory = "cosine",
+        warmup_steps: int = 0,
+        lr_scaling: str = "none",
+        base_batch_size: int = 256,
     ):
         super().__init__(class_names)
+        check_optimization_args(optimizer, lr_scheduler, warmup_steps)
         if loss not in MULTILABEL_LOSSES:
             raise ValueError(f"unknown multi-label loss {loss!r} (model.loss); valid: {sorted(MULTILABEL_LOSSES)}")
         if not handoff:
@@ -61,6 +81,7 @@ class MultiLabelHeadModule(SeenLabelLossTraining, MultiLabelClassifierModule):
                 "runs/<experiment>/handoff.json) or --model.handoff=<path to handoff.json>"
             )
         self.save_hyperparameters()
+        self._optimizer, self._lr_scheduler = optimizer, lr_scheduler
         self.manifest = read_manifest(handoff)
         check_manifest(self.manifest, class_names=self.class_names, backbone=backbone)
         config = self.manifest["backbone"]
@@ -95,4 +116,4 @@ class MultiLabelHeadModule(SeenLabelLossTraining, MultiLabelClassifierModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        return self.make_optimizer(self.head.parameters(), hp.optimizer, hp.lr, hp.weight_decay)
+        return self.make_optimizer(self.head.parameters(), self._optimizer, hp.lr, hp.weight_decay)

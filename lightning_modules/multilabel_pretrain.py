@@ -20,6 +20,11 @@ from medmetric.lightning_modules.backbones import create_backbone
 from medmetric.lightning_modules.heads import LinearHead
 from medmetric.lightning_modules.losses.multilabel import MULTILABEL_LOSSES, build_multilabel_loss
 from medmetric.lightning_modules.multilabel import MultiLabelClassifierModule
+from medmetric.lightning_modules.optimization import (
+    OptimizerFactory,
+    SchedulerFactory,
+    check_optimization_args,
+)
 
 
 def loss_from_datamodule(module: MultiLabelClassifierModule, name: str, kwargs: dict | None):
@@ -44,7 +49,27 @@ class SeenLabelLossTraining:
 
 
 class MultiLabelPretrainModule(SeenLabelLossTraining, MultiLabelClassifierModule):
-    """timm backbone + linear head + multi-label loss (the BCE baseline, or a re-balancing loss)."""
+    """timm backbone + linear head + multi-label loss (the BCE baseline, or a re-balancing loss).
+
+    Args:
+        class_names: the labels, in column order (linked from ``data.class_names``).
+        backbone: timm model name.
+        in_chans: input channels (1 for grey X-rays without replication).
+        pretrained_path: local weights file for the backbone (nothing is downloaded).
+        backbone_kwargs: extra ``timm.create_model`` arguments.
+        loss: a name of ``MULTILABEL_LOSSES`` (``bce``, ``class_balanced_bce``, ``asymmetric``,
+            ``logit_adjusted_bce``), built from the training counts.
+        loss_kwargs: its arguments (``{pos_weight: true}`` for bce).
+        optimizer: ``adamw`` or ``sgd`` (momentum 0.9), or a ``torch.optim`` class called with
+            the parameters (``--model.optimizer=SGD --model.optimizer.nesterov=true``); ``lr``
+            and ``weight_decay`` below always apply.
+        lr: learning rate at ``base_batch_size`` images per step.
+        weight_decay: weight decay.
+        lr_scheduler: ``cosine`` (per step) or ``constant``, or a scheduler class called with the optimiser.
+        warmup_steps: linear warm-up steps before the cosine (0: none).
+        lr_scaling: scale ``lr`` with the global batch: ``none``, ``linear`` or ``sqrt``.
+        base_batch_size: the global batch ``lr`` is tuned for (``lr_scaling``).
+    """
 
     stage: ClassVar[str] = "stage1"
 
@@ -57,14 +82,20 @@ class MultiLabelPretrainModule(SeenLabelLossTraining, MultiLabelClassifierModule
         backbone_kwargs: dict | None = None,
         loss: str = "bce",
         loss_kwargs: dict | None = None,
-        optimizer: str = "adamw",
+        optimizer: str | OptimizerFactory = "adamw",
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
+        lr_scheduler: str | SchedulerFactory = "cosine",
+        warmup_steps: int = 0,
+        lr_scaling: str = "none",
+        base_batch_size: int = 256,
     ):
         super().__init__(class_names)
+        check_optimization_args(optimizer, lr_scheduler, warmup_steps)
         if loss not in MULTILABEL_LOSSES:
             raise ValueError(f"unknown multi-label loss {loss!r} (model.loss); valid: {sorted(MULTILABEL_LOSSES)}")
         self.save_hyperparameters()
+        self._optimizer, self._lr_scheduler = optimizer, lr_scheduler
         self.backbone, self.feature_dim = create_backbone(
             backbone, in_chans=in_chans, pretrained_path=pretrained_path, **(backbone_kwargs or {})
         )
@@ -85,4 +116,4 @@ class MultiLabelPretrainModule(SeenLabelLossTraining, MultiLabelClassifierModule
 
     def configure_optimizers(self):
         hp = self.hparams
-        return self.make_optimizer(self.parameters(), hp.optimizer, hp.lr, hp.weight_decay)
+        return self.make_optimizer(self.parameters(), self._optimizer, hp.lr, hp.weight_decay)

@@ -15,7 +15,7 @@ With ``feature_cache`` the backbone features are computed once per backbone and 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import ClassVar
 
 import torch
@@ -25,11 +25,20 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from medmetric.datamodules.contracts import LabelledData, OrderedEvalData, SplitIdentity, require
 from medmetric.lightning_modules.backbones import create_backbone, load_backbone_weights
 from medmetric.lightning_modules.classifier_base import ClassifierModule
-from medmetric.lightning_modules.head_strategies import STRATEGIES
+from medmetric.lightning_modules.head_strategies import STRATEGIES, HeadStrategy
 from medmetric.lightning_modules.heads import LinearHead, Projector
 from medmetric.lightning_modules.losses.distributed import gather_across_ranks, world
-from medmetric.lightning_modules.losses.rebalancing import build_head_loss
+from medmetric.lightning_modules.losses.rebalancing import HeadLossFactory, build_head_loss
+from medmetric.lightning_modules.optimization import (
+    OptimizerFactory,
+    SchedulerFactory,
+    check_optimization_args,
+)
+from medmetric.lightning_modules.registry import target_class
 from medmetric.run_io.manifest import check_manifest, load_submodule_state, read_manifest
+
+#: ``model.strategy``: a strategy class whose remaining arguments are (feature_dim, num_classes, stage-1 head)
+StrategyFactory = Callable[[int, int, LinearHead], HeadStrategy]
 
 
 class RebalancedHeadModule(ClassifierModule):
@@ -39,14 +48,30 @@ class RebalancedHeadModule(ClassifierModule):
         class_names: must equal the stage-1 class list (checked against the manifest).
         handoff: path of the stage-1 ``handoff.json``; the CLI fills in
             ``runs/<experiment>/handoff.json`` when it is not given.
-        strategy: ``crt``, ``lws``, ``tau_norm``, ``ncm`` or ``knn``; ``strategy_kwargs`` go to it
-            (e.g. ``{k: 20}`` for knn, ``{tau_grid: [0, 0.5, 1]}`` for tau_norm).
-        head_loss, head_loss_kwargs: the loss of trainable strategies (``ce`` by default).
+        strategy: ``crt``, ``lws``, ``tau_norm``, ``ncm`` or ``knn`` (``STRATEGIES``), or a
+            strategy class called as ``cls(feature_dim, num_classes, stage1_head)``
+            (``--model.strategy=NearestNeighbours --model.strategy.k=20``).
+        strategy_kwargs: arguments for a short-name strategy (``{k: 20}`` for knn,
+            ``{tau_grid: [0, 0.5, 1]}`` for tau_norm); with a class, give its init_args instead.
+        head_loss: the loss of trainable strategies: a short name of ``HEAD_LOSSES`` (``ce``) or
+            a class called with the stage-1 class counts (``--model.head_loss=LogitAdjustedLoss
+            --model.head_loss.tau=0.5``).
+        head_loss_kwargs: arguments for a short-name head loss.
         posthoc_tau: post-hoc logit adjustment strength at evaluation (0 = off).
         bn_reestimate: re-estimate the frozen backbone's BatchNorm statistics on the stage-2
             training batches first (MiSLAS shift-BN); off by default.
         feature_cache: train on cached backbone features (needs ``data.augment=none``).
         backbone: optional, only to assert the expected stage-1 backbone name.
+        optimizer: ``sgd`` (momentum 0.9) or ``adamw``, or a ``torch.optim`` class called with
+            the parameters; ``lr`` and ``weight_decay`` below always apply.
+        lr: learning rate at ``base_batch_size`` images per step.
+        weight_decay: weight decay.
+        lr_scheduler: ``cosine`` (per step) or ``constant``, or a scheduler class called with the optimiser.
+        warmup_steps: linear warm-up steps before the cosine (0: none, the schedule of before).
+        lr_scaling: scale ``lr`` with the global batch: ``none``, ``linear`` or ``sqrt``.
+        base_batch_size: the global batch ``lr`` is tuned for (``lr_scaling``).
+        many_shot_threshold: classes with more training images are many-shot.
+        few_shot_threshold: classes with fewer training images are few-shot.
         allow_fingerprint_mismatch: accept a data set whose fingerprint differs from stage 1's
             (refused by default: stage 1 saw other files, sizes, labels or groups).
     """
@@ -57,17 +82,19 @@ class RebalancedHeadModule(ClassifierModule):
         self,
         class_names: Sequence[str],
         handoff: str | None = None,
-        strategy: str = "crt",
+        strategy: str | StrategyFactory = "crt",
         strategy_kwargs: dict | None = None,
-        head_loss: str = "ce",
+        head_loss: str | HeadLossFactory = "ce",
         head_loss_kwargs: dict | None = None,
         posthoc_tau: float = 0.0,
         bn_reestimate: bool = False,
         feature_cache: bool = False,
         backbone: str | None = None,
-        optimizer: str = "sgd",
+        optimizer: str | OptimizerFactory = "sgd",
         lr: float = 0.05,
         weight_decay: float = 5e-4,
+        lr_scheduler: str | SchedulerFactory = "cosine",
+        warmup_steps: int = 0,
         lr_scaling: str = "none",
         base_batch_size: int = 256,
         many_shot_threshold: int = 100,
@@ -75,8 +102,8 @@ class RebalancedHeadModule(ClassifierModule):
         allow_fingerprint_mismatch: bool = False,
     ):
         super().__init__(class_names, many_shot_threshold, few_shot_threshold)
-        if strategy not in STRATEGIES:
-            raise ValueError(f"unknown stage-2 strategy {strategy!r} (model.strategy); valid: {sorted(STRATEGIES)}")
+        check_optimization_args(optimizer, lr_scheduler, warmup_steps)
+        strategy_factory = STRATEGIES.resolve(strategy)  # an unknown short name fails first
         if not handoff:
             raise ValueError(
                 "model.handoff is not set: pass --experiment=<stage-1 experiment> (the CLI then reads "
@@ -92,7 +119,8 @@ class RebalancedHeadModule(ClassifierModule):
         load_backbone_weights(self.backbone, self.manifest["backbone_weights"])
         self.backbone.requires_grad_(False)
         self.backbone.eval()
-        self.strategy = self._build_strategy(strategy, strategy_kwargs or {})
+        self._optimizer, self._lr_scheduler = optimizer, lr_scheduler
+        self.strategy = self._build_strategy(strategy_factory, strategy, strategy_kwargs or {})
         counts = torch.as_tensor(self.manifest["class_counts"], dtype=torch.float64)
         self.head_loss = build_head_loss(head_loss, self.manifest["class_counts"], **(head_loss_kwargs or {}))
         self.register_buffer("log_prior", torch.log(counts.clamp_min(1) / counts.sum()).float())
@@ -100,15 +128,17 @@ class RebalancedHeadModule(ClassifierModule):
         self._val_features: list[Tensor] = []
         self._val_targets: list[Tensor] = []
 
-    def _build_strategy(self, name: str, kwargs: dict):
+    def _build_strategy(self, factory: Callable, name, kwargs: dict):
+        """Same creation order as ever (stage-1 head, then the projector for kNN, then the
+        strategy), so the RNG is consumed as before."""
         stage1_head = LinearHead(self.feature_dim, self.num_classes)
         load_submodule_state(stage1_head, self.manifest["head_weights"])
-        if name == "knn":
+        if getattr(target_class(factory), "uses_projector", False):
             projector = Projector(self.feature_dim, self.manifest["embedding_dim"])
             load_submodule_state(projector, self.manifest["projector_weights"])
             kwargs = {"projector": projector, **kwargs}
         try:
-            return STRATEGIES[name](self.feature_dim, self.num_classes, stage1_head, **kwargs)
+            return factory(self.feature_dim, self.num_classes, stage1_head, **kwargs)
         except TypeError as err:
             raise ValueError(f"bad arguments for strategy {name!r} (model.strategy_kwargs): {err}") from err
 
@@ -174,7 +204,7 @@ class RebalancedHeadModule(ClassifierModule):
         if not params:
             return None
         hp = self.hparams
-        return self.make_optimizer(params, hp.optimizer, hp.lr, hp.weight_decay)
+        return self.make_optimizer(params, self._optimizer, hp.lr, hp.weight_decay)
 
     # --- validation, with strategies that tune on it (tau-norm) -----------------------------
     def validation_step(self, batch, batch_idx: int) -> None:

@@ -7,8 +7,17 @@ more), and returns an exact zero that still carries a gradient when there is not
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
+
+from medmetric.lightning_modules.registry import Registry
+
+#: metric losses by short name; every module of this package is imported before a lookup, so a
+#: new loss file registers itself (``short_name``) without an edit anywhere else
+METRIC_LOSSES = Registry("metric loss", "model.metric_loss", scan=(("medmetric.lightning_modules.losses", ""),))
 
 
 def zero_loss(embeddings: Tensor) -> Tensor:
@@ -40,7 +49,35 @@ def class_weights_from_counts(counts, scheme: str = "inverse", beta: float = 0.9
     return weights.float()
 
 
-class MetricLoss(nn.Module):
+class MetricLossBase(nn.Module):
+    """What ``model.metric_loss`` accepts: ``cls(num_classes, embedding_dim, **its own args)``.
+
+    ``MetricPretrainModule`` types ``metric_loss`` as ``Callable[[int, int], MetricLossBase]``:
+    jsonargparse builds the class's own arguments from the config (``--model.metric_loss.temperature``)
+    and the module supplies ``num_classes`` and ``embedding_dim``, known only at run time. A
+    subclass with ``short_name`` registers itself in :data:`METRIC_LOSSES` when defined.
+    """
+
+    short_name: ClassVar[str | None] = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("short_name"):
+            METRIC_LOSSES.add(cls.short_name, cls)
+
+    def enable_class_weighting(self) -> None:
+        """Prepare for :meth:`set_class_weights` (``model.class_weighting``); our own losses
+        always accept weights, PML wrappers swap their reducer here."""
+
+    def set_class_weights(self, weights: Tensor | None) -> None:
+        raise NotImplementedError
+
+
+#: ``model.metric_loss``: a loss class whose remaining arguments are ``(num_classes, embedding_dim)``
+MetricLossFactory = Callable[[int, int], MetricLossBase]
+
+
+class MetricLoss(MetricLossBase):
     """Base class of our own metric losses: ``forward(embeddings, labels) -> scalar``.
 
     Subclasses call :meth:`reduce` with their per-term losses and the anchor label of each term.

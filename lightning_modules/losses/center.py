@@ -35,7 +35,14 @@ from medmetric.lightning_modules.losses.base import MetricLoss
 
 
 class CenterLoss(MetricLoss):
-    """1/2 ||x_i - c_{y_i}||^2 averaged over the batch, learnable class centres."""
+    """1/2 ||x_i - c_{y_i}||^2 averaged over the batch, learnable class centres.
+
+    Args:
+        num_classes: number of centres (given by the LightningModule).
+        embedding_dim: their dimension (given by the LightningModule).
+    """
+
+    short_name = "center"
 
     def __init__(self, num_classes: int, embedding_dim: int):
         super().__init__()

@@ -91,7 +91,18 @@ def euclidean(x: Tensor, y: Tensor) -> Tensor:
 
 
 class ClassCenterTripletLoss(MetricLoss):
-    """PCCT: class-balanced triplet loss before ``start_epoch``, class-centre triplet loss after."""
+    """PCCT: class-balanced triplet loss before ``start_epoch``, class-centre triplet loss after.
+
+    Args:
+        num_classes: number of class centres (given by the LightningModule).
+        embedding_dim: their dimension (given by the LightningModule).
+        margin: triplet margin.
+        start_epoch: first epoch of the class-centre phase.
+        center_mode: ``running_mean`` (momentum-updated buffers) or ``learnable`` (parameters).
+        momentum: running-mean momentum of the centres.
+    """
+
+    short_name = "class_center_triplet"
 
     def __init__(
         self,

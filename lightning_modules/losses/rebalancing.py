@@ -39,13 +39,15 @@ Conventions shared by every loss:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medmetric.lightning_modules.losses.base import class_weights_from_counts
+from medmetric.lightning_modules.registry import Registry
 
 KWARGS_KEY = "model.head_loss_kwargs"
 WEIGHTINGS = ("none", "inverse", "effective_number")
@@ -119,6 +121,10 @@ def _class_weights(counts: Tensor, weighting: str, beta: float) -> Tensor | None
     return class_weights_from_counts(counts, weighting, beta)
 
 
+#: head losses by short name; each class registers itself (``short_name``)
+HEAD_LOSSES = Registry("head loss", "model.head_loss", scan=(("medmetric.lightning_modules.losses", ""),))
+
+
 # --- base ----------------------------------------------------------------------------------------
 class HeadLoss(nn.Module):
     """Base class: ``forward(logits (N, C), targets (N,)) -> scalar``.
@@ -127,7 +133,20 @@ class HeadLoss(nn.Module):
     :meth:`set_epoch` hook (called by the LightningModule at every training epoch start; only
     LDAM-DRW uses it), and computes subclasses' :meth:`compute` in at least float32 with
     autocast disabled.
+
+    Modules type ``head_loss`` as ``Callable[[Sequence[int]], HeadLoss]``: jsonargparse builds a
+    loss's own arguments from the config (``--model.head_loss.tau=0.5``), the module supplies the
+    training class counts once it knows them. A subclass with ``short_name`` registers itself in
+    :data:`HEAD_LOSSES` when defined (every module of the losses package is imported before a
+    short-name lookup).
     """
+
+    short_name: ClassVar[str | None] = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("short_name"):
+            HEAD_LOSSES.add(cls.short_name, cls)
 
     def __init__(self, class_counts):
         super().__init__()
@@ -167,6 +186,10 @@ class HeadLoss(nn.Module):
         return buffer.to(device=like.device, dtype=like.dtype)
 
 
+#: ``model.head_loss``: a head-loss class whose remaining argument is the training class counts
+HeadLossFactory = Callable[[Sequence[int]], HeadLoss]
+
+
 def _target_log_probs(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
     """(log_softmax(logits) (N, C), log p_{y_i} (N,))."""
     log_probs = F.log_softmax(logits, dim=1)
@@ -201,6 +224,8 @@ class CrossEntropyLoss(HeadLoss):
     batch reduction ``(1/N) sum_i w_{y_i} l_i`` follows the official class-balanced code (TF
     ``softmax_cross_entropy(weights=...)``), so the weights' scale is the loss scale.
     """
+
+    short_name = "ce"
 
     def __init__(self, class_counts, weighting: str = "none", beta: float = 0.999):
         super().__init__(class_counts)
@@ -238,6 +263,8 @@ class LogitAdjustedLoss(HeadLoss):
     ``log pi_j`` stays finite; this only changes that class's offset.
     """
 
+    short_name = "logit_adjusted"
+
     def __init__(self, class_counts, tau: float = 1.0):
         super().__init__(class_counts)
         self.tau = _number("tau", tau)
@@ -263,6 +290,8 @@ class BalancedSoftmaxLoss(HeadLoss):
 
     Zero counts: ``log max(n_j, 1)`` (an empty class counts as one image).
     """
+
+    short_name = "balanced_softmax"
 
     def __init__(self, class_counts):
         super().__init__(class_counts)
@@ -296,6 +325,8 @@ class LDAMLoss(HeadLoss):
     the DRW weight of an empty class is 0 and the others are normalised to mean 1 among themselves
     (see ``class_weights_from_counts``); a batch whose targets all have weight 0 gives 0.
     """
+
+    short_name = "ldam"
 
     def __init__(
         self,
@@ -409,6 +440,8 @@ class LabelAwareSmoothingLoss(HeadLoss):
     ``smooth_tail=0.0`` and ``smooth_head`` 0.2-0.3. ``smooth_head = smooth_tail = 0`` is plain CE.
     """
 
+    short_name = "label_aware_smoothing"
+
     def __init__(
         self,
         class_counts,
@@ -452,6 +485,8 @@ class FocalLoss(CrossEntropyLoss):
     ``gamma < 1`` has a finite gradient when ``p_t`` rounds to 1.
     """
 
+    short_name = "focal"
+
     def __init__(
         self, class_counts, gamma: float = 2.0, weighting: str = "none", beta: float = 0.999
     ):
@@ -487,23 +522,11 @@ def adjust_logits_post_hoc(logits: Tensor, class_counts, tau: float = 1.0) -> Te
     return logits.to(dtype) - float(tau) * log_prior
 
 
-HEAD_LOSSES: dict[str, type[HeadLoss]] = {
-    "ce": CrossEntropyLoss,
-    "logit_adjusted": LogitAdjustedLoss,
-    "balanced_softmax": BalancedSoftmaxLoss,
-    "ldam": LDAMLoss,
-    "label_aware_smoothing": LabelAwareSmoothingLoss,
-    "focal": FocalLoss,
-}
-
-
-def build_head_loss(name: str, class_counts, **kwargs) -> HeadLoss:
-    """``HEAD_LOSSES[name](class_counts, **kwargs)``; errors name ``model.head_loss(_kwargs)``."""
-    if name not in HEAD_LOSSES:
-        raise ValueError(
-            f"unknown head loss {name!r} (model.head_loss); valid: {sorted(HEAD_LOSSES)}"
-        )
+def build_head_loss(name, class_counts, **kwargs) -> HeadLoss:
+    """``HEAD_LOSSES[name](class_counts, **kwargs)``; errors name ``model.head_loss(_kwargs)``.
+    ``name`` may also be a class or factory (a typed ``model.head_loss``)."""
+    factory = HEAD_LOSSES.resolve(name)
     try:
-        return HEAD_LOSSES[name](class_counts, **kwargs)
+        return factory(class_counts, **kwargs)
     except TypeError as err:
         raise ValueError(f"bad arguments for head loss {name!r} ({KWARGS_KEY}): {err}") from err
