@@ -128,7 +128,7 @@ def _build(data_path: Path, index_path: Path, paths: Sequence[str], min_side: in
                 offset += image.nbytes
 
     atomic_write(data_path, write_images, what="image cache")
-    offset = offsets[-1] + int(np.prod(shapes[-1])) * 3 if offsets else 0
+    total_bytes = sum(h * w * 3 for h, w in shapes)  # uint8 RGB, written back to back
     index = {
         "version": CACHE_VERSION,
         "min_side": min_side,
@@ -136,7 +136,7 @@ def _build(data_path: Path, index_path: Path, paths: Sequence[str], min_side: in
         "fingerprint": fingerprint,
         "offsets": offsets,
         "shapes": [list(map(int, s)) for s in shapes],
-        "bytes": offset,
+        "bytes": total_bytes,
         "builder_pid": os.getpid(),
     }
     text = json.dumps(index).encode()

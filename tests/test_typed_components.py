@@ -265,6 +265,7 @@ class _Schedulable(OptimizerMixin):
 
     def __init__(self, total: int, **hparams):
         self.hparams = hparams
+        self._lr_scheduler = hparams.get("lr_scheduler", "cosine")  # what every module stores
         self.trainer = SimpleNamespace(estimated_stepping_batches=total, datamodule=None)
 
 
