@@ -83,9 +83,9 @@ class MedMetricCLI(LightningCLI):
         check_class_paths(config, config.get("allow_class_paths"))  # before any folder or object is made
         # the stage is declared on the model class (lightning_modules/contracts.py), read before
         # instantiation: it decides the run folder and whether the stage-1 handoff is read
-        self.model_class = resolve_class(config.model.class_path)
-        stage = declared_stage(self.model_class, config.model.class_path)
-        declared_monitor(self.model_class, config.model.class_path)  # refused before any folder is made
+        model_class = resolve_class(config.model.class_path)
+        stage = declared_stage(model_class, config.model.class_path)
+        declared_monitor(model_class, config.model.class_path)  # refused before any folder is made
         experiment_dir = Path(config.runs_dir) / config.experiment
         inherited = os.environ.get(RUN_DIR_ENV) if os.environ.get("LOCAL_RANK", "0") != "0" else None
         self.resume = ResumePlan(None, None)  # fit --ckpt_path: continue a run (experiments/resume.py)
